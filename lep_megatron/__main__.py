@@ -1,0 +1,4 @@
+from lep_megatron.cli import main
+
+if __name__ == "__main__":
+    main()
