@@ -1,0 +1,122 @@
+"""CPU fallbacks for megatron-core, applied only when CUDA is absent.
+
+megatron-core allocates on `torch.cuda.current_device()` / `device="cuda"` and calls
+`torch.cuda.synchronize()` unconditionally in a few modules. Instead of patching functions one
+by one, those modules see a `torch` in which "cuda" means the CPU (`TorchOnCpu`); nothing
+changes for any other module, and nothing at all changes on a machine with CUDA.
+"""
+import importlib
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# module -> why it needs the CPU view of torch
+PATCHED_MODULES = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding":
+        "RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device()",
+    "megatron.core.transformer.utils":
+        "get_default_causal_mask builds the mask with device='cuda'",
+    "megatron.core.utils":
+        "GlobalMemoryBuffer.get_tensor allocates on the current CUDA device",
+    "megatron.core.pipeline_parallel.p2p_communication":
+        "receive buffers on the CUDA device and torch.cuda.synchronize()",
+    "megatron.core.pipeline_parallel.schedules":
+        "schedules create device='cuda' tensors (token counts, losses)",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async":
+        "the torch_dist writer calls torch.cuda.synchronize() before preloading tensors",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver":
+        "save verification all-reduces flags created on the CUDA device",
+    "megatron.core.dist_checkpointing.strategies.async_utils":
+        "synchronous saves call torch.cuda.synchronize()",
+}
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "as_tensor")
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or torch.device(device).type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _NullStream:
+    """Stands in for a CUDA stream: work on the CPU is already ordered."""
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class CudaOnCpu:
+    """`torch.cuda` seen without CUDA: the current device is the CPU, synchronisation is a no-op."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(device=None):
+        pass
+
+    @staticmethod
+    def current_stream(device=None):
+        return _NullStream()
+
+    @staticmethod
+    def stream(stream=None):
+        return _NullStream()
+
+
+class TorchOnCpu:
+    """`torch` seen without CUDA: tensor factories map device "cuda" to the CPU."""
+
+    cuda = CudaOnCpu()
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args, _f=attr, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_device(kwargs["device"])
+                return _f(*args, **kwargs)
+            return factory
+        return attr
+
+
+_applied = False
+
+
+def apply() -> bool:
+    """Install the fallbacks once, if CUDA is absent. Returns whether they are active."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if not _applied:
+        cpu_torch = TorchOnCpu()
+        for name, reason in PATCHED_MODULES.items():
+            try:
+                module = importlib.import_module(name)
+            except ImportError:  # not present in this megatron-core version
+                continue
+            module.torch = cpu_torch
+            log.debug("CPU fallback for %s: %s", name, reason)
+        _applied = True
+    return True

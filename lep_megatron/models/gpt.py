@@ -1,0 +1,127 @@
+"""HF model shape -> megatron-core TransformerConfig + GPTModel (TE spec on GPU, local spec on CPU)."""
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from lep_megatron.common.io import UserInputError
+from lep_megatron.models.hf_config import HFModelShape
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # a broken TE install raises more than ImportError
+        return False
+    return torch.cuda.is_available()
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary so each TP rank holds an equal, aligned slice."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def check_parallel_fits(shape: HFModelShape, tp: int, pp: int) -> None:
+    if tp < 1 or pp < 1:
+        raise UserInputError(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
+    for what, n in (("num_attention_heads", shape.num_attention_heads),
+                    ("num_key_value_heads", shape.num_key_value_heads),
+                    ("intermediate_size", shape.intermediate_size)):
+        if n % tp:
+            raise UserInputError(f"parallel.tp={tp} does not divide the model's {what}={n}; choose a tp that does")
+    if shape.num_layers % pp:
+        raise UserInputError(
+            f"parallel.pp={pp} does not divide the model's num_hidden_layers={shape.num_layers}; "
+            "choose a pp that does"
+        )
+
+
+def transformer_config(shape: HFModelShape, tp: int = 1, pp: int = 1,
+                       params_dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
+    """megatron-core config equal to the HF architecture; `overrides` set training options."""
+    check_parallel_fits(shape, tp, pp)
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.intermediate_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_key_value_heads,
+        kv_channels=shape.head_dim,
+        layernorm_epsilon=shape.rms_norm_eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=shape.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        # without CUDA, weights are created on the CPU; the fused kernels are CUDA-only
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(use_te: bool):
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt_model(shape: HFModelShape, config: TransformerConfig, padded_vocab: int,
+                    pre_process: bool = True, post_process: bool = True,
+                    use_te: bool = None) -> GPTModel:
+    """The GPTModel for one pipeline stage; parallel_state must already be initialized."""
+    if use_te is None:
+        use_te = transformer_engine_available()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=padded_vocab,
+        max_sequence_length=shape.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=shape.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(shape.rope_theta),
+    )
+    if shape.rope_scaling:
+        # megatron's rope_scaling flag fixes low/high_freq_factor and the original context
+        # (Llama-3.1 values); apply the checkpoint's own values with megatron's formula instead
+        rope = model.rotary_pos_emb
+        rope.inv_freq = rope._apply_scaling(rope.inv_freq, **shape.rope_scaling)
+    return model
+
+
+def build_stage_model(shape: HFModelShape, padded_vocab: int, params_dtype: torch.dtype = torch.float32,
+                      **config_overrides) -> GPTModel:
+    """This rank's pipeline stage at the TP/PP sizes parallel_state was initialized with."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    config = transformer_config(shape, tp, pp, params_dtype, **config_overrides)
+    return build_gpt_model(shape, config, padded_vocab,
+                           pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage())
+
+
+def stage_layer_offset(shape: HFModelShape) -> int:
+    """Global index of this pipeline stage's first layer (layers split evenly)."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    return parallel_state.get_pipeline_model_parallel_rank() * (shape.num_layers // pp)
