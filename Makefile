@@ -7,6 +7,8 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 MCORE ?= megatron-core==0.16.1
 MCORE_NEW ?= megatron-core==0.19.2
+# megatron-core 0.19 imports triton unconditionally (CUDA builds of torch bring it along)
+MCORE_NEW_DEPS ?= triton==3.9.0
 VENV := .venv
 VENV_NEW := .venv-mcore19
 PYTEST_ARGS ?=
@@ -24,6 +26,7 @@ $(VENV_NEW)/.installed: setup.py requirements.txt
 	test -x $(VENV_NEW)/bin/python || $(PYTHON) -m venv $(VENV_NEW)
 	$(VENV_NEW)/bin/pip install -q $(TORCH)
 	$(VENV_NEW)/bin/pip install -q -r requirements.txt
+	$(VENV_NEW)/bin/pip install -q $(MCORE_NEW_DEPS)
 	$(VENV_NEW)/bin/pip install -q --no-deps --ignore-requires-python $(MCORE_NEW)
 	LEP_MEGATRON_NO_EXT=1 $(VENV_NEW)/bin/pip install -q --no-build-isolation --no-deps -e .
 	touch $@

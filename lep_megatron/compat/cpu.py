@@ -18,6 +18,8 @@ PATCHED_MODULES = {
         "RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device()",
     "megatron.core.transformer.utils":
         "get_default_causal_mask builds the mask with device='cuda'",
+    "megatron.core.tensor_parallel.mappings":
+        "gather/scatter buffers are allocated on torch.cuda.current_device()",
     "megatron.core.utils":
         "GlobalMemoryBuffer.get_tensor allocates on the current CUDA device",
     "megatron.core.pipeline_parallel.p2p_communication":
