@@ -5,6 +5,7 @@ megatron-core allocates on `torch.cuda.current_device()` / `device="cuda"` and c
 by one, those modules see a `torch` in which "cuda" means the CPU (`TorchOnCpu`); nothing
 changes for any other module, and nothing at all changes on a machine with CUDA.
 """
+import functools
 import importlib
 import logging
 
@@ -32,6 +33,13 @@ PATCHED_MODULES = {
         "save verification all-reduces flags created on the CUDA device",
     "megatron.core.dist_checkpointing.strategies.async_utils":
         "synchronous saves call torch.cuda.synchronize()",
+}
+
+# "module:Class.method" -> why: methods that call Tensor.cuda(), which a module-level `torch`
+# cannot redirect; on the CPU, Tensor.cuda() is the identity while they run
+TENSOR_CUDA_METHODS = {
+    "megatron.core.models.common.language_module.language_module:LanguageModule.setup_embeddings_and_output_layer":
+        "ties the pipeline-split embedding copies with weight.data.cuda()",
 }
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "as_tensor")
@@ -103,6 +111,19 @@ class TorchOnCpu:
         return attr
 
 
+def _with_tensor_cuda_as_identity(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    return wrapper
+
+
 _applied = False
 
 
@@ -120,5 +141,11 @@ def apply() -> bool:
                 continue
             module.torch = cpu_torch
             log.debug("CPU fallback for %s: %s", name, reason)
+        for path, reason in TENSOR_CUDA_METHODS.items():
+            module_name, qualname = path.split(":")
+            cls_name, method_name = qualname.split(".")
+            cls = getattr(importlib.import_module(module_name), cls_name)
+            setattr(cls, method_name, _with_tensor_cuda_as_identity(getattr(cls, method_name)))
+            log.debug("CPU fallback for %s: %s", path, reason)
         _applied = True
     return True

@@ -59,6 +59,9 @@ class HFModelShape:
     """q/k/v projections carry a bias (Qwen2)."""
     torch_dtype: str
     """dtype the checkpoint was saved in."""
+    sliding_window: Optional[int] = None
+    """Mistral's attention window; megatron's local spec attends fully, which is the same model
+    for sequences up to this length (the trainer checks its seq_length against it)."""
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -112,6 +115,7 @@ class HFModelShape:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2",
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
         )
 
     @classmethod

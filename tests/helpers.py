@@ -1,0 +1,79 @@
+"""Shared test helpers: tiny HF models of each supported family, a tokenizer, torchrun."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_hf_config(arch: str, vocab_size: int = 131, tie: bool = None, layers: int = 4):
+    """A small config of each family, with the family's distinguishing features switched on:
+    Llama-3 rope scaling, Mistral GQA + sliding window, Qwen2 q/k/v bias + tied embeddings."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+        return LlamaConfig(**common, rope_scaling=rope, rope_theta=500000.0, tie_word_embeddings=bool(tie))
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=4096, rope_theta=1e6, tie_word_embeddings=bool(tie))
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True if tie is None else tie, rope_theta=1e6)
+    raise ValueError(arch)
+
+
+def make_hf_model(out_dir: Path, arch: str, vocab_size: int = 131, tie: bool = None, seed: int = 0,
+                  layers: int = 4, max_shard_size=None, tokenizer_size: int = None):
+    """Save a random tiny model (weights scaled up so logits differ visibly) and a tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(arch, vocab_size, tie, layers))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            else:
+                p.uniform_(0.5, 1.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(out_dir), **kwargs)
+    save_word_tokenizer(out_dir, tokenizer_size or min(vocab_size, 100))
+    return model.eval()
+
+
+def save_word_tokenizer(out_dir: Path, size: int) -> None:
+    """A word-level tokenizer with `size` tokens (ids 0..2 are <unk>, <s>, </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(out_dir))
+
+
+def run_torchrun(nproc: int, args, timeout: int = 600, cwd: Path = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node nproc ARGS` with this interpreter; raises with its output on failure."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port())] + [str(a) for a in args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
