@@ -8,7 +8,7 @@ import pytest
 
 from lep_megatron.checkpoint.convert import ConvertConfig, run
 from lep_megatron.common.io import UserInputError
-from tests.helpers import make_hf_model, save_word_tokenizer
+from lep_megatron.models.tiny import make_hf_model, save_word_tokenizer
 
 pytestmark = pytest.mark.megatron
 

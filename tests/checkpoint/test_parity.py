@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from lep_megatron.checkpoint.convert import ConvertConfig, run
 from lep_megatron.checkpoint.hf_io import SafetensorsReader
-from tests.helpers import make_hf_model, run_torchrun
+from lep_megatron.common.launch import torchrun
+from lep_megatron.models.tiny import make_hf_model
 
 pytestmark = pytest.mark.megatron
 
@@ -20,7 +21,7 @@ def test_logit_parity_and_resharding(tmp_path, arch, vocab):
     make_hf_model(tmp_path / "hf", arch, vocab_size=vocab)
     run(ConvertConfig("hf-to-mcore", tmp_path / "hf", tmp_path / "mc", tp=2))
     out = tmp_path / "parity.json"
-    run_torchrun(4, ["-m", "lep_megatron.checkpoint.parity", "--hf", tmp_path / "hf", "--mcore", tmp_path / "mc",
+    torchrun(4, ["-m", "lep_megatron.checkpoint.parity", "--hf", tmp_path / "hf", "--mcore", tmp_path / "mc",
                      "--layouts", LAYOUTS, "--resave-dir", tmp_path / "resaved", "--out", out])
     result = json.loads(out.read_text())
     print(arch, json.dumps(result["layouts"]))
@@ -37,7 +38,7 @@ def test_logit_parity_and_resharding(tmp_path, arch, vocab):
 def test_convert_under_torchrun_tp2_pp2(tmp_path):
     """Each of 4 ranks builds its TP2xPP2 shard from the HF files; exporting gives back every tensor."""
     make_hf_model(tmp_path / "hf", "mistral", vocab_size=261)
-    run_torchrun(4, ["-m", "lep_megatron", "convert", "hf-to-mcore", f"in_dir={tmp_path / 'hf'}",
+    torchrun(4, ["-m", "lep_megatron", "convert", "hf-to-mcore", f"in_dir={tmp_path / 'hf'}",
                      f"out_dir={tmp_path / 'mc'}", "parallel.tp=2", "parallel.pp=2"])
     run(ConvertConfig("mcore-to-hf", tmp_path / "mc", tmp_path / "back"))
     want = load_file(str(tmp_path / "hf" / "model.safetensors"))

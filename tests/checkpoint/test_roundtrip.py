@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from lep_megatron.checkpoint.convert import ConvertConfig, run
 from lep_megatron.checkpoint.hf_io import SafetensorsReader
 from lep_megatron.checkpoint.megatron_io import CheckpointMeta
-from tests.helpers import make_hf_model
+from lep_megatron.models.tiny import make_hf_model
 
 pytestmark = pytest.mark.megatron
 

@@ -1,12 +1,8 @@
-"""Shared test helpers: tiny HF models of each supported family, a tokenizer, torchrun."""
-import os
-import subprocess
-import sys
+"""Tiny random models of each supported family: the demo's and the tests' stand-ins for real
+checkpoints (no pretrained weights ship in any package; nothing is fetched from a hub)."""
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_hf_config(arch: str, vocab_size: int = 131, tie: bool = None, layers: int = 4):
@@ -58,22 +54,3 @@ def save_word_tokenizer(out_dir: Path, size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(str(out_dir))
-
-
-def run_torchrun(nproc: int, args, timeout: int = 600, cwd: Path = None) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node nproc ARGS` with this interpreter; raises with its output on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_free_port())] + [str(a) for a in args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
