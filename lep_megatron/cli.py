@@ -11,6 +11,8 @@ import sys
 STAGES = {
     "convert": "lep_megatron.checkpoint.app",
     "demo": "lep_megatron.demo",
+    "tokenizer": "lep_megatron.tokenizer.app",
+    "eval": "lep_megatron.evaluation.app",
 }
 
 # hydra writes outputs and log files into the working directory by default; stages write

@@ -1,0 +1,1 @@
+"""Language-model backends for Darumeru: the abstract interface (base) and transformers (hf)."""
