@@ -32,7 +32,8 @@ def sample_batch(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0) 
 def megatron_forward(model, tokens: torch.Tensor, vocab_size: int):
     """(logits [b, s, vocab_size] gathered over TP, mean next-token loss) on the last pipeline
     stage; (None, None) elsewhere. `tokens` is [b, s + 1]: inputs and shifted labels."""
-    ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    ids, labels = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
     b, s = ids.shape
     captured = {}
 
@@ -45,7 +46,7 @@ def megatron_forward(model, tokens: torch.Tensor, vocab_size: int):
 
     def forward_step(data_iterator, model):
         batch_ids = next(data_iterator)
-        out = model(batch_ids, torch.arange(s).expand(b, s), None)
+        out = model(batch_ids, torch.arange(s, device=batch_ids.device).expand(b, s), None)
         return out, loss_func
 
     with torch.no_grad():
@@ -55,16 +56,16 @@ def megatron_forward(model, tokens: torch.Tensor, vocab_size: int):
         )
     if not parallel_state.is_pipeline_last_stage():
         return None, None
-    return captured["logits"], float(captured["loss"])
+    return captured["logits"].cpu(), float(captured["loss"])
 
 
-def hf_forward(hf_dir: Path, tokens: torch.Tensor):
+def hf_forward(hf_dir: Path, tokens: torch.Tensor, dtype=torch.float32, device="cpu"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
     ids, labels = tokens[:, :-1], tokens[:, 1:]
     with torch.no_grad():
-        logits = model(ids).logits.float()
+        logits = model(ids.to(device)).logits.float().cpu()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     return logits, float(loss)
 
@@ -124,12 +125,20 @@ def main(argv=None) -> None:
     if dist.get_rank() == 0:
         ref_logits, ref_loss = hf_forward(Path(args.hf), tokens)
         out = {
+            "dtype": args.dtype,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "layouts": {k: {"max_abs_diff": float((v[0] - ref_logits).abs().max()), "loss": v[1]}
                         for k, v in results.items()},
             "hf_loss": ref_loss,
+            "reference": "transformers, float32, CPU",
             "resaved_from": f"{layouts[0][0]}x{layouts[0][1]}" if args.resave_dir else None,
             "resaved_loss": {k: v[1] for k, v in resaved.items()},
         }
+        if dtype != torch.float32:
+            # transformers' own error in this dtype and device: the floor for megatron's
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            same_dtype, _ = hf_forward(Path(args.hf), tokens, dtype, device)
+            out["hf_same_dtype_max_abs_diff"] = float((same_dtype - ref_logits).abs().max())
         Path(args.out).write_text(json.dumps(out, indent=2))
     dist.barrier()
 

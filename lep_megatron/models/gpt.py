@@ -71,7 +71,6 @@ def transformer_config(shape: HFModelShape, tp: int = 1, pp: int = 1,
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -107,6 +106,9 @@ def build_gpt_model(shape: HFModelShape, config: TransformerConfig, padded_vocab
         # (Llama-3.1 values); apply the checkpoint's own values with megatron's formula instead
         rope = model.rotary_pos_emb
         rope.inv_freq = rope._apply_scaling(rope.inv_freq, **shape.rope_scaling)
+    if torch.cuda.is_available():
+        # megatron's parallel linears allocate on the GPU; torch norms are created on the CPU
+        model.cuda(torch.cuda.current_device())
     return model
 
 

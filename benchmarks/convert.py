@@ -1,0 +1,100 @@
+"""HF -> Megatron (TP2) -> HF on a synthetic checkpoint with Llama-3-8B shapes.
+
+vocab 128,256, hidden 4096, 32 heads / 8 KV heads, SwiGLU 14,336, untied head, `--layers` full
+layers (default 2), bf16. Each conversion runs in its own process so that its peak RSS is its own.
+    python benchmarks/convert.py [--layers 2] [--work /tmp/lep-bench-convert]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+LLAMA3_8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+                 intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                 rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
+                 hidden_act="silu", torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001)
+
+
+def make_checkpoint(out: Path, layers: int) -> int:
+    """Random bf16 tensors with Llama-3-8B shapes, written as ~2 GB shards; returns bytes written."""
+    from lep_megatron.checkpoint.hf_io import ShardedSafetensorsWriter
+
+    out.mkdir(parents=True)
+    cfg = dict(LLAMA3_8B, num_hidden_layers=layers)
+    h, f, v, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], 8 * 128
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    writer = ShardedSafetensorsWriter(out, max_shard_bytes=2 * 2**30)
+    writer.add("model.embed_tokens.weight", rnd(v, h))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj.weight", (h, h)), ("self_attn.k_proj.weight", (kv, h)),
+                            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, h)),
+                            ("mlp.gate_proj.weight", (f, h)), ("mlp.up_proj.weight", (f, h)),
+                            ("mlp.down_proj.weight", (h, f))):
+            writer.add(p + name, rnd(*shape))
+        writer.add(p + "input_layernorm.weight", torch.ones(h, dtype=torch.bfloat16))
+        writer.add(p + "post_attention_layernorm.weight", torch.ones(h, dtype=torch.bfloat16))
+    writer.add("model.norm.weight", torch.ones(h, dtype=torch.bfloat16))
+    writer.add("lm_head.weight", rnd(v, h))
+    writer.close()
+    (out / "config.json").write_text(json.dumps(cfg))
+    return writer.total_bytes
+
+
+def timed_child(args) -> dict:
+    """Run `lep-megatron convert ARGS` in a child; its wall time and its own peak RSS (wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "lep_megatron", "convert"] + args, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"convert {args[0]} failed")
+    return {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/lep-bench-convert")
+    args = ap.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    nbytes = make_checkpoint(work / "hf", args.layers)
+    print(f"synthetic checkpoint: {nbytes / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s")
+    to_mcore = timed_child(["hf-to-mcore", f"in_dir={work / 'hf'}", f"out_dir={work / 'mcore'}", "parallel.tp=2"])
+    print("hf-to-mcore", to_mcore)
+    to_hf = timed_child(["mcore-to-hf", f"in_dir={work / 'mcore'}", f"out_dir={work / 'hf_back'}"])
+    print("mcore-to-hf", to_hf)
+
+    from lep_megatron.checkpoint.hf_io import SafetensorsReader
+
+    a, b = SafetensorsReader(work / "hf"), SafetensorsReader(work / "hf_back")
+    identical = sorted(a.keys()) == sorted(b.keys()) and all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+    gib = nbytes / 2**30
+    write_result("convert", {
+        "what": "HF -> Megatron TP2 -> HF, synthetic Llama-3-8B shapes, bf16, one process each way",
+        "command": f"python benchmarks/convert.py --layers {args.layers}",
+        "layers": args.layers, "checkpoint_gib": round(gib, 3),
+        "hf_to_mcore": dict(to_mcore, gib_per_s=round(gib / to_mcore["wall_s"], 3)),
+        "mcore_to_hf": dict(to_hf, gib_per_s=round(gib / to_hf["wall_s"], 3)),
+        "roundtrip_bit_identical": identical,
+    })
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
