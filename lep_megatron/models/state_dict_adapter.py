@@ -10,7 +10,8 @@ TE spec's fused names (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_we
 understood too.
 """
 import re
-from typing import Callable, Dict, Iterator, Tuple
+from collections.abc import Mapping
+from typing import Callable, Iterator, Tuple
 
 import torch
 
@@ -95,16 +96,17 @@ class StateDictAdapter:
         return out
 
     # ---- megatron (full, TP1 layout) -> HF ----------------------------------------------------
-    def to_hf(self, mc: Dict[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Tensor]]:
-        """HF tensors, in HF order, from a full megatron state dict (all layers, TP1 layout)."""
+    def to_hf(self, mc: Mapping) -> Iterator[Tuple[str, torch.Tensor]]:
+        """HF tensors, in HF order, from a full megatron state dict (all layers, TP1 layout);
+        `mc` is read one name at a time, in order, so it may load lazily."""
         s = self.shape
         yield "model.embed_tokens.weight", mc["embedding.word_embeddings.weight"][: s.vocab_size]
         g, hd = s.query_groups, s.head_dim
         per_group = s.num_attention_heads // g * hd
         for i in range(s.num_layers):
             p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-            norm1 = mc.get(m + "input_layernorm.weight", mc.get(m + "self_attention.linear_qkv.layer_norm_weight"))
-            yield p + "input_layernorm.weight", norm1
+            yield p + "input_layernorm.weight", _first(mc, m + "input_layernorm.weight",
+                                                       m + "self_attention.linear_qkv.layer_norm_weight")
             kinds = ("weight", "bias") if s.qkv_bias else ("weight",)
             for kind in kinds:
                 qkv = mc[f"{m}self_attention.linear_qkv.{kind}"]
@@ -113,8 +115,8 @@ class StateDictAdapter:
                 for x, t in zip("qkv", (q, k, v)):
                     yield f"{p}self_attn.{x}_proj.{kind}", t.reshape(-1, *tail)
             yield p + "self_attn.o_proj.weight", mc[m + "self_attention.linear_proj.weight"]
-            norm2 = mc.get(m + "pre_mlp_layernorm.weight", mc.get(m + "mlp.linear_fc1.layer_norm_weight"))
-            yield p + "post_attention_layernorm.weight", norm2
+            yield p + "post_attention_layernorm.weight", _first(mc, m + "pre_mlp_layernorm.weight",
+                                                                m + "mlp.linear_fc1.layer_norm_weight")
             gate, up = mc[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
             yield p + "mlp.gate_proj.weight", gate
             yield p + "mlp.up_proj.weight", up
@@ -122,6 +124,11 @@ class StateDictAdapter:
         yield "model.norm.weight", mc["decoder.final_layernorm.weight"]
         if not s.tie_word_embeddings:
             yield "lm_head.weight", mc["output_layer.weight"][: s.vocab_size]
+
+
+def _first(mc: Mapping, name: str, alias: str) -> torch.Tensor:
+    """A norm weight under its local-spec name or its TE-spec (fused) name."""
+    return mc[name] if name in mc else mc[alias]
 
 
 def tp_shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Corpora: the Russian demo corpus from Debian packages; corpus -> indexed dataset."""
