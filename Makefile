@@ -43,8 +43,13 @@ test: $(VENV)/.installed $(VENV_NEW)/.installed
 test-mcore19: $(VENV_NEW)/.installed
 	$(VENV_NEW)/bin/python -m pytest -q -m megatron tests $(PYTEST_ARGS)
 
+cuda-compile: $(VENV)/.installed
+	bash csrc/compile_cuda.sh $(VENV)/bin/python
+
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/convert.py
+	$(VENV)/bin/python benchmarks/tokenizer_train.py
+	$(VENV)/bin/python benchmarks/init.py
 
 clean:
 	rm -rf $(VENV) $(VENV_NEW) build *.egg-info lep_megatron/_C*.so

@@ -11,6 +11,7 @@ import sys
 STAGES = {
     "convert": "lep_megatron.checkpoint.app",
     "demo": "lep_megatron.demo",
+    "init": "lep_megatron.embeddings.app",
     "tokenizer": "lep_megatron.tokenizer.app",
     "eval": "lep_megatron.evaluation.app",
 }

@@ -90,7 +90,8 @@ def _report(results: dict, key: str, logits, loss) -> None:
     payload = [None]
     is_holder = (logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
                  and parallel_state.get_data_parallel_rank() == 0)
-    holder = torch.tensor([dist.get_rank() if is_holder else 0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces only GPU tensors
+    holder = torch.tensor([dist.get_rank() if is_holder else 0], device=device)
     dist.all_reduce(holder, op=dist.ReduceOp.MAX)
     holder = int(holder)
     if dist.get_rank() == holder:

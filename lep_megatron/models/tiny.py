@@ -1,5 +1,6 @@
 """Tiny random models of each supported family: the demo's and the tests' stand-ins for real
 checkpoints (no pretrained weights ship in any package; nothing is fetched from a hub)."""
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ def tiny_hf_config(arch: str, vocab_size: int = 131, tie: bool = None, layers: i
 
 
 def make_hf_model(out_dir: Path, arch: str, vocab_size: int = 131, tie: bool = None, seed: int = 0,
-                  layers: int = 4, max_shard_size=None, tokenizer_size: int = None):
-    """Save a random tiny model (weights scaled up so logits differ visibly) and a tokenizer."""
+                  layers: int = 4, max_shard_size=None, tokenizer_size: int = None, tokenizer_dir: Path = None):
+    """Save a random tiny model (weights scaled up so logits differ visibly) and a tokenizer:
+    the one in `tokenizer_dir` (e.g. a real model's), else a word-level one."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -39,7 +41,12 @@ def make_hf_model(out_dir: Path, arch: str, vocab_size: int = 131, tie: bool = N
                 p.uniform_(0.5, 1.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(out_dir), **kwargs)
-    save_word_tokenizer(out_dir, tokenizer_size or min(vocab_size, 100))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, Path(out_dir) / f.name)
+    else:
+        save_word_tokenizer(out_dir, tokenizer_size or min(vocab_size, 100))
     return model.eval()
 
 

@@ -7,8 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lep_megatron.checkpoint import parity
 from lep_megatron.checkpoint.convert import ConvertConfig, run
-from lep_megatron.common.launch import torchrun
 from lep_megatron.models.gpt import transformer_engine_available
 from lep_megatron.models.tiny import make_hf_model
 
@@ -23,12 +23,12 @@ def main() -> None:
         run(ConvertConfig("hf-to-mcore", work / arch / "hf", work / arch / "mc"))
         for dtype in ("bfloat16", "float32"):
             res = work / arch / f"{dtype}.json"
-            try:
-                torchrun(1, ["-m", "lep_megatron.checkpoint.parity", "--hf", work / arch / "hf",
-                             "--mcore", work / arch / "mc", "--dtype", dtype, "--out", res], timeout=300)
+            try:  # one rank, in this process (one GPU)
+                parity.main(["--hf", str(work / arch / "hf"), "--mcore", str(work / arch / "mc"),
+                             "--dtype", dtype, "--out", str(res)])
                 results["checks"][f"{arch}/{dtype}"] = json.loads(res.read_text())
-            except RuntimeError as e:
-                results["checks"][f"{arch}/{dtype}"] = {"error": str(e)[-3000:]}
+            except Exception as e:  # record and go on to the next check
+                results["checks"][f"{arch}/{dtype}"] = {"error": f"{type(e).__name__}: {e}"[-3000:]}
     (out / "gpu_parity.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v.get("layouts", v.get("error", "")[-300:]) for k, v in results["checks"].items()}, indent=1))
     failed = [k for k, v in results["checks"].items() if "error" in v]
