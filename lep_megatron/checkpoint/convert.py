@@ -4,8 +4,9 @@ hf-to-mcore: one process writes a checkpoint that loads at any TP/PP (dist_check
 global tensors and reshards on load; only the vocabulary padding depends on the target TP, so it
 is padded for parallel.tp). Under torchrun, each rank builds its own TP/PP shard and reads only
 the HF tensors it needs.
-mcore-to-hf: one process loads the checkpoint at TP1/PP1 (whatever TP/PP wrote it), strips the
-vocabulary padding and writes sharded safetensors + config, tokenizer and generation config.
+mcore-to-hf: one process reads the checkpoint tensor by tensor as whole tensors, whatever TP/PP
+wrote it, strips the vocabulary padding and writes size-bounded safetensors shards + config,
+tokenizer and generation config.
 """
 import json
 import logging
@@ -19,7 +20,7 @@ from megatron.core import parallel_state
 
 from lep_megatron.checkpoint.hf_io import (SafetensorsReader, ShardedSafetensorsWriter,
                                            copy_side_files)
-from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta, load_model, save_model
+from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta, CheckpointTensors, save_model
 from lep_megatron.common.io import UserInputError, atomic_dir, check_out_dir, progress
 from lep_megatron.models import (HFModelShape, StateDictAdapter, build_stage_model,
                                  padded_vocab_size, stage_layer_offset, tp_shard)
@@ -122,9 +123,8 @@ def mcore_to_hf(cfg: ConvertConfig) -> Path:
     dtype = parse_dtype(cfg.dtype or meta.dtype)
     check_out_dir(out_dir, cfg.overwrite)
     init_distributed(1, 1)
-    model = build_stage_model(shape, meta.padded_vocab_size, parse_dtype(meta.dtype), perform_initialization=False)
-    load_model(model, in_dir)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    # tensor by tensor: peak memory is the shard being written plus one tensor
+    state = CheckpointTensors(in_dir)
     adapter = StateDictAdapter(shape, meta.padded_vocab_size)
     with atomic_dir(out_dir, cfg.overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, int(cfg.max_shard_size_gb * 2**30))

@@ -7,12 +7,21 @@ Layout of a checkpoint directory:
 """
 import json
 import os
+import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedTensor
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from lep_megatron.common.io import UserInputError, check_out_dir
 from lep_megatron.models.hf_config import HFModelShape
@@ -106,3 +115,75 @@ def load_model(model, ckpt_dir: Path) -> None:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class _BoxLoadPlanner(DefaultLoadPlanner):
+    """Reads one box (offsets, buffer shape) of one stored tensor straight into a buffer.
+
+    megatron's own partial loads describe a slice as one fragment of an evenly split tensor and
+    expect the other fragments on other ranks; one process reading one layer has no such ranks.
+    """
+
+    def __init__(self, key: str, offsets, buffer: torch.Tensor):
+        super().__init__()
+        self.key, self.offsets, self.buffer = key, offsets, buffer
+
+    def create_local_plan(self) -> LoadPlan:
+        box = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.buffer.size())
+        return LoadPlan(create_read_items_for_chunk_list(self.key, self.metadata.state_dict_metadata[self.key], [box]))
+
+    def lookup_tensor(self, index) -> torch.Tensor:
+        return self.buffer
+
+
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+class CheckpointTensors(Mapping):
+    """Read-only name -> full tensor view of a checkpoint that reads one tensor at a time.
+
+    Names are GPTModel.state_dict() names at TP1/PP1 (`decoder.layers.3.mlp.linear_fc1.weight`);
+    whatever TP/PP wrote the checkpoint, a tensor comes back whole. Layers may be stored stacked
+    under one key with a leading layer axis (megatron-core 0.16) or under one key per layer;
+    either way only the requested layer is read.
+    """
+
+    def __init__(self, ckpt_dir: Path):
+        self.ckpt_dir = str(ckpt_dir)
+        self.num_layers = CheckpointMeta.read(ckpt_dir).shape.num_layers
+        self.stored = {k: v for k, v in dist_checkpointing.load_tensors_metadata(self.ckpt_dir).items()
+                       if isinstance(v, ShardedTensor)}
+
+    def _locate(self, name: str):
+        """(stored key, layer index within a stacked key or None), or None when absent."""
+        if name in self.stored:
+            return name, None
+        m = _LAYER_NAME.match(name)
+        stacked = f"decoder.layers.{m.group(2)}" if m else None
+        if stacked in self.stored and self.stored[stacked].global_shape[0] == self.num_layers:
+            return stacked, int(m.group(1))
+        return None
+
+    def __contains__(self, name) -> bool:
+        return self._locate(name) is not None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        where = self._locate(name)
+        if where is None:
+            raise KeyError(f"{name} is not in checkpoint {self.ckpt_dir}")
+        key, layer = where
+        shape, dtype = tuple(self.stored[key].global_shape), self.stored[key].dtype
+        if layer is None:
+            offsets = (0,) * len(shape)
+        else:
+            offsets, shape = (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:]
+        buffer = torch.empty(shape, dtype=dtype)
+        dcp.load({key: buffer}, storage_reader=dcp.FileSystemReader(self.ckpt_dir),
+                 planner=_BoxLoadPlanner(key, offsets, buffer))
+        return buffer if layer is None else buffer[0]
+
+    def __iter__(self):
+        raise TypeError("CheckpointTensors is read by name")
+
+    def __len__(self) -> int:
+        return len(self.stored)
