@@ -8,6 +8,7 @@ changes for any other module, and nothing at all changes on a machine with CUDA.
 import functools
 import importlib
 import logging
+import sys
 
 import torch
 
@@ -21,6 +22,16 @@ PATCHED_MODULES = {
         "get_default_causal_mask builds the mask with device='cuda'",
     "megatron.core.tensor_parallel.mappings":
         "gather/scatter buffers are allocated on torch.cuda.current_device()",
+    "megatron.core.distributed.param_and_grad_buffer":
+        "grad buffers are allocated on torch.cuda.current_device()",
+    "megatron.core.optimizer.optimizer":
+        "found-inf flags and loss scales are created with device='cuda'",
+    "megatron.core.optimizer.clip_grads":
+        "norm and overflow buffers are created with device='cuda'",
+    "megatron.core.optimizer.distrib_optimizer":
+        "shard buffers are allocated on torch.cuda.current_device()",
+    "megatron.core.optimizer.grad_scaler":
+        "loss-scale tensors are created with device='cuda'",
     "megatron.core.utils":
         "GlobalMemoryBuffer.get_tensor allocates on the current CUDA device",
     "megatron.core.pipeline_parallel.p2p_communication":
@@ -40,6 +51,15 @@ PATCHED_MODULES = {
 TENSOR_CUDA_METHODS = {
     "megatron.core.models.common.language_module.language_module:LanguageModule.setup_embeddings_and_output_layer":
         "ties the pipeline-split embedding copies with weight.data.cuda()",
+}
+
+# "module:function" or "module:Class.method" -> why: code that asserts
+# `tensor.type() == 'torch.cuda.FloatTensor'`; on the CPU, type() names the CUDA type while it runs
+TENSOR_TYPE_AS_CUDA = {
+    "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32":
+        "asserts every grad is a torch.cuda.FloatTensor",
+    "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__":
+        "accepts only torch.cuda.* parameter types for its main parameters",
 }
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "as_tensor")
@@ -111,6 +131,43 @@ class TorchOnCpu:
         return attr
 
 
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    if dtype is not None:
+        return _ORIGINAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+    name = _ORIGINAL_TENSOR_TYPE(self)
+    return name.replace("torch.", "torch.cuda.", 1) if not self.is_cuda else name
+
+
+_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _with_tensor_type_as_cuda(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        torch.Tensor.type = _cuda_type_name
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _ORIGINAL_TENSOR_TYPE
+
+    return wrapper
+
+
+def _replace_everywhere(module, qualname: str, wrap) -> None:
+    """Wrap `module.qualname`; a module-level function is also replaced in the megatron modules
+    that imported it by name."""
+    if "." in qualname:
+        cls_name, method_name = qualname.split(".")
+        cls = getattr(module, cls_name)
+        setattr(cls, method_name, wrap(getattr(cls, method_name)))
+        return
+    original = getattr(module, qualname)
+    wrapped = wrap(original)
+    for name, other in list(sys.modules.items()):
+        if name.startswith("megatron.") and getattr(other, qualname, None) is original:
+            setattr(other, qualname, wrapped)
+
+
 def _with_tensor_cuda_as_identity(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
@@ -141,11 +198,11 @@ def apply() -> bool:
                 continue
             module.torch = cpu_torch
             log.debug("CPU fallback for %s: %s", name, reason)
-        for path, reason in TENSOR_CUDA_METHODS.items():
-            module_name, qualname = path.split(":")
-            cls_name, method_name = qualname.split(".")
-            cls = getattr(importlib.import_module(module_name), cls_name)
-            setattr(cls, method_name, _with_tensor_cuda_as_identity(getattr(cls, method_name)))
-            log.debug("CPU fallback for %s: %s", path, reason)
+        for table, wrap in ((TENSOR_CUDA_METHODS, _with_tensor_cuda_as_identity),
+                            (TENSOR_TYPE_AS_CUDA, _with_tensor_type_as_cuda)):
+            for path, reason in table.items():
+                module_name, qualname = path.split(":")
+                _replace_everywhere(importlib.import_module(module_name), qualname, wrap)
+                log.debug("CPU fallback for %s: %s", path, reason)
         _applied = True
     return True

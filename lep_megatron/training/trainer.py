@@ -1,0 +1,194 @@
+"""The frozen-body trainer on megatron-core: only the embeddings and LM head learn.
+
+megatron-core does the work: parallel_state groups, GPTModel, its DDP (grad buffers exist only
+for trainable parameters, because they are frozen before the wrap), get_megatron_optimizer (AdamW
+as the paper: betas 0.9/0.95, eps 1e-5, wd 0.1), OptimizerParamScheduler (cosine with warm-up)
+and its forward/backward schedules (pipeline parallel included).
+"""
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from lep_megatron.checkpoint.megatron_io import CheckpointMeta, load_model
+from lep_megatron.common.io import UserInputError
+from lep_megatron.models import build_stage_model
+from lep_megatron.models.hf_config import parse_dtype
+from lep_megatron.parallel import init_distributed
+from lep_megatron.training.freeze import TRAINABLE_PREFIXES, apply_freeze
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Continued pre-training of the embeddings and LM head (the paper's defaults)."""
+
+    checkpoint: str
+    """Megatron checkpoint to start from (`lep-megatron convert hf-to-mcore` or `init`)."""
+    out_dir: str
+    """Run directory: metrics.jsonl (and checkpoints)."""
+    steps: int = 100
+    """Optimizer steps."""
+    seq_length: int = 1024
+    """Tokens per sample."""
+    micro_batch_size: int = 1
+    """Samples per micro-batch per data-parallel rank."""
+    global_batch_size: int = 256
+    """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills it)."""
+    lr: float = 2e-4
+    """Peak learning rate (the paper: 2e-4 Llama-3, 1e-4 Mistral)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-5
+    clip_grad: float = 1.0
+    """Gradient clipping by global norm."""
+    trainable: str = "embeddings_only"
+    """Trainable-parameter policy (lep_megatron.training.freeze)."""
+    tp: int = 1
+    """Tensor parallel size."""
+    pp: int = 1
+    """Pipeline parallel size."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks."""
+    dtype: str = "float32"
+    """Parameter dtype (bfloat16 on GPUs; float32 on CPUs)."""
+    seed: int = 1234
+    """Seed of megatron's RNG trackers and torch."""
+    log_every: int = 1
+    """Print a progress line every N steps."""
+
+    def __post_init__(self):
+        if self.trainable not in TRAINABLE_PREFIXES:
+            raise UserInputError(f"train.trainable={self.trainable!r}: choose one of {sorted(TRAINABLE_PREFIXES)}")
+        if self.steps < 1 or self.seq_length < 2 or self.micro_batch_size < 1:
+            raise UserInputError("train.steps, train.micro_batch_size must be >= 1 and train.seq_length >= 2")
+        parse_dtype(self.dtype, "train.dtype")
+
+
+def num_microbatches(cfg: TrainConfig) -> int:
+    dp = parallel_state.get_data_parallel_world_size()
+    per_step = cfg.micro_batch_size * dp
+    if cfg.global_batch_size % per_step:
+        raise UserInputError(f"train.global_batch_size={cfg.global_batch_size} is not a multiple of "
+                             f"micro_batch_size x data-parallel size = {per_step}")
+    return cfg.global_batch_size // per_step
+
+
+def build(cfg: TrainConfig):
+    """(model wrapped in megatron DDP, optimizer, scheduler, checkpoint meta) on every rank."""
+    init_distributed(cfg.tp, cfg.pp, cfg.seed)
+    meta = CheckpointMeta.read(cfg.checkpoint)
+    meta.check_tp(cfg.tp)
+    dtype = parse_dtype(cfg.dtype)
+    model = build_stage_model(meta.shape, meta.padded_vocab_size, dtype)
+    load_model(model, cfg.checkpoint)
+    apply_freeze(model, cfg.trainable)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               use_distributed_optimizer=cfg.use_distributed_optimizer)
+    model = DistributedDataParallel(model.config, ddp_config, model)
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    # the schedules call these: data-parallel grad reduction (and tied-embedding grads across
+    # pipeline stages) happens in finalize_model_grads, loss scaling in grad_scale_func
+    model.config.no_sync_func = model.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.grad_scale_func = optimizer.scale_loss
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=cfg.steps, lr_decay_style="cosine", start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=cfg.steps, wd_incr_style="constant",
+    )
+    return model, optimizer, scheduler, meta
+
+
+def _forward_step(seq_length: int):
+    def forward_step(data_iterator, model):
+        tokens = next(data_iterator)
+        device = next(model.parameters()).device
+        tokens = tokens.to(device)
+        ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        b = ids.shape[0]
+        position_ids = torch.arange(seq_length, device=device).expand(b, seq_length)
+        per_token = model(ids, position_ids, None, labels=labels)
+
+        def loss_func(output):
+            loss = output.float().mean()
+            # the schedule divides the returned loss in place by the number of micro-batches
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return per_token, loss_func
+
+    return forward_step
+
+
+def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]]):
+    """Run cfg.steps optimizer steps; `batches(step)` yields this data-parallel rank's
+    micro-batches [micro_batch_size, seq_length + 1] for that step. Returns (the global-batch
+    loss of every step, known on every rank; the trained DDP-wrapped model)."""
+    model, optimizer, scheduler, meta = build(cfg)
+    n_micro = num_microbatches(cfg)
+    forward_backward = get_forward_backward_func()
+    out_dir = Path(cfg.out_dir)
+    if dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    losses = []
+    tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    for step in range(1, cfg.steps + 1):
+        start = time.perf_counter()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reduced = forward_backward(
+            forward_step_func=_forward_step(cfg.seq_length), data_iterator=batches(step), model=[model],
+            num_microbatches=n_micro, seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
+            forward_only=False,
+        )
+        lr = optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        loss = _mean_loss(reduced)
+        losses.append(loss)
+        elapsed = time.perf_counter() - start
+        if dist.get_rank() == 0:
+            record = {"step": step, "loss": loss, "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed}
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                print(f"step {step}/{cfg.steps} loss {loss:.4f} lr {record['lr']:.2e} "
+                      f"{record['tokens_per_s']:.0f} tok/s", flush=True)
+    return losses, model
+
+
+def _mean_loss(reduced) -> float:
+    """The step's loss over the global batch: micro-batch means on the last pipeline stage,
+    averaged over data-parallel ranks and shared with every rank."""
+    value = torch.tensor([0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    if parallel_state.is_pipeline_last_stage() and reduced:
+        value[0] = float(sum(float(r["lm loss"]) for r in reduced) / len(reduced))
+    dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(value) / parallel_state.get_data_parallel_world_size()
