@@ -1,8 +1,9 @@
 """HF -> Megatron (TP2) -> HF on a synthetic checkpoint with Llama-3-8B shapes.
 
 vocab 128,256, hidden 4096, 32 heads / 8 KV heads, SwiGLU 14,336, untied head, `--layers` full
-layers (default 2), bf16. Each conversion runs in its own process so that its peak RSS is its own.
-    python benchmarks/convert.py [--layers 2] [--work /tmp/lep-bench-convert]
+layers (default 2), bf16. Each conversion runs in its own process so that its peak RSS is its own
+(wait4: the largest of the process and the writer processes it forks).
+    python benchmarks/convert.py [--layers 2] [--max-shard-gb 1] [--work /tmp/lep-bench-convert]
 """
 import argparse
 import json
@@ -69,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--work", default="/tmp/lep-bench-convert")
+    ap.add_argument("--max-shard-gb", type=float, default=1.0, help="mcore-to-hf output shard size")
     args = ap.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -77,7 +79,8 @@ def main() -> None:
     print(f"synthetic checkpoint: {nbytes / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s")
     to_mcore = timed_child(["hf-to-mcore", f"in_dir={work / 'hf'}", f"out_dir={work / 'mcore'}", "parallel.tp=2"])
     print("hf-to-mcore", to_mcore)
-    to_hf = timed_child(["mcore-to-hf", f"in_dir={work / 'mcore'}", f"out_dir={work / 'hf_back'}"])
+    to_hf = timed_child(["mcore-to-hf", f"in_dir={work / 'mcore'}", f"out_dir={work / 'hf_back'}",
+                         f"max_shard_size_gb={args.max_shard_gb}"])
     print("mcore-to-hf", to_hf)
 
     from lep_megatron.checkpoint.hf_io import SafetensorsReader
@@ -87,7 +90,8 @@ def main() -> None:
     gib = nbytes / 2**30
     write_result("convert", {
         "what": "HF -> Megatron TP2 -> HF, synthetic Llama-3-8B shapes, bf16, one process each way",
-        "command": f"python benchmarks/convert.py --layers {args.layers}",
+        "command": f"python benchmarks/convert.py --layers {args.layers} --max-shard-gb {args.max_shard_gb}",
+        "mcore_to_hf_max_shard_gib": args.max_shard_gb,
         "layers": args.layers, "checkpoint_gib": round(gib, 3),
         "hf_to_mcore": dict(to_mcore, gib_per_s=round(gib / to_mcore["wall_s"], 3)),
         "mcore_to_hf": dict(to_hf, gib_per_s=round(gib / to_hf["wall_s"], 3)),
