@@ -12,8 +12,10 @@ STAGES = {
     "convert": "lep_megatron.checkpoint.app",
     "demo": "lep_megatron.demo",
     "init": "lep_megatron.embeddings.app",
+    "pretrain": "lep_megatron.training.app",
     "tokenizer": "lep_megatron.tokenizer.app",
     "eval": "lep_megatron.evaluation.app",
+    "data": "lep_megatron.data.app",
 }
 
 # hydra writes outputs and log files into the working directory by default; stages write

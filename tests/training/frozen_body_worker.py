@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from lep_megatron.checkpoint.megatron_io import CheckpointMeta, load_model
 from lep_megatron.models import build_stage_model
-from lep_megatron.training.synthetic import rank_batches
+from lep_megatron.training.batches import rank_batches
 from lep_megatron.training.trainer import TrainConfig, train
 
 

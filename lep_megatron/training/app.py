@@ -1,0 +1,41 @@
+"""Hydra app of `lep-megatron pretrain` (run it under torchrun / srun for several ranks)."""
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import OmegaConf
+
+from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta
+from lep_megatron.common.io import UserInputError
+from lep_megatron.data.loader import build_gpt_datasets
+from lep_megatron.parallel import init_distributed
+from lep_megatron.training.batches import dataset_batches, rank_batches
+from lep_megatron.training.trainer import TrainConfig, train
+
+
+def make_batches(cfg, train_cfg: TrainConfig):
+    """The batch source named by data.kind (built on every rank, after the process group)."""
+    if cfg.data.kind == "synthetic":
+        vocab = CheckpointMeta.read(cfg.checkpoint).vocab_size
+        return rank_batches(vocab, train_cfg.global_batch_size, train_cfg.micro_batch_size,
+                            train_cfg.seq_length, cfg.data.seed)
+    if cfg.data.kind != "indexed":
+        raise UserInputError(f"data.kind={cfg.data.kind!r}: choose indexed or synthetic")
+    if not cfg.data.dir:
+        raise UserInputError("data.dir is required for data.kind=indexed (make it with `lep-megatron data`)")
+    init_distributed(train_cfg.tp, train_cfg.pp, train_cfg.seed)
+    tokenizer = cfg.data.tokenizer or str(Path(cfg.checkpoint) / HF_SUBDIR)
+    train_set, _ = build_gpt_datasets(Path(cfg.data.dir), Path(tokenizer), train_cfg.seq_length,
+                                      train_cfg.steps * train_cfg.global_batch_size, None, seed=cfg.data.seed)
+    return dataset_batches(train_set, train_cfg.global_batch_size, train_cfg.micro_batch_size)
+
+
+@hydra.main(version_base=None, config_path="pkg://lep_megatron.conf", config_name="pretrain")
+def main(cfg) -> None:
+    try:
+        train_cfg = TrainConfig(checkpoint=cfg.checkpoint, out_dir=cfg.out_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                                **OmegaConf.to_container(cfg.train))
+        train(train_cfg, make_batches(cfg, train_cfg))
+    except UserInputError as e:
+        print(f"lep-megatron pretrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
