@@ -7,10 +7,11 @@ and its forward/backward schedules (pipeline parallel included).
 """
 import json
 import logging
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from lep_megatron.common.io import UserInputError
 from lep_megatron.models import build_stage_model
 from lep_megatron.models.hf_config import parse_dtype
 from lep_megatron.parallel import init_distributed
+from lep_megatron.training.flops import step_flops
 from lep_megatron.training.freeze import TRAINABLE_PREFIXES, apply_freeze
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class TrainConfig:
     """Seed of megatron's RNG trackers and torch."""
     log_every: int = 1
     """Print a progress line every N steps."""
+    peak_tflops_per_device: Optional[float] = None
+    """Peak dense TFLOP/s of one device in the training dtype (e.g. 989 for an H100 in bf16);
+    when set, the progress line shows MFU from the frozen-body FLOP count."""
 
     def __post_init__(self):
         if self.trainable not in TRAINABLE_PREFIXES:
@@ -156,6 +161,7 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]]):
         (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     losses = []
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    flops_per_step = step_flops(meta.shape, cfg.seq_length, body_trainable=cfg.trainable == "full").per_token * tokens_per_step
     for step in range(1, cfg.steps + 1):
         start = time.perf_counter()
         model.zero_grad_buffer()
@@ -172,15 +178,27 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]]):
         losses.append(loss)
         elapsed = time.perf_counter() - start
         if dist.get_rank() == 0:
+            tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
             record = {"step": step, "loss": loss, "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed}
+                      "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
+                      "tflops_per_device": tflops, "peak_memory_gib": peak_memory_gib()}
+            if cfg.peak_tflops_per_device:
+                record["mfu"] = tflops / cfg.peak_tflops_per_device
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if step % cfg.log_every == 0 or step == cfg.steps:
-                print(f"step {step}/{cfg.steps} loss {loss:.4f} lr {record['lr']:.2e} "
-                      f"{record['tokens_per_s']:.0f} tok/s", flush=True)
+                mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
+                print(f"step {step}/{cfg.steps} loss {loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s "
+                      f"{tflops:.3g} TFLOP/s/device{mfu} mem {record['peak_memory_gib']:.2f} GiB", flush=True)
     return losses, model
+
+
+def peak_memory_gib() -> float:
+    """Peak device memory on a GPU, peak resident memory of the process on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _mean_loss(reduced) -> float:
