@@ -14,20 +14,29 @@ from lep_megatron.training.trainer import TrainConfig, train
 
 
 def make_batches(cfg, train_cfg: TrainConfig):
-    """The batch source named by data.kind (built on every rank, after the process group)."""
+    """(train, validation) batch sources named by data.kind (built on every rank, after the
+    process group); validation is None when train.eval_every is 0."""
+    gbs, mbs, seq = train_cfg.global_batch_size, train_cfg.micro_batch_size, train_cfg.seq_length
+    evaluating = train_cfg.eval_every > 0
     if cfg.data.kind == "synthetic":
         vocab = CheckpointMeta.read(cfg.checkpoint).vocab_size
-        return rank_batches(vocab, train_cfg.global_batch_size, train_cfg.micro_batch_size,
-                            train_cfg.seq_length, cfg.data.seed)
+        valid = rank_batches(vocab, gbs, mbs, seq, cfg.data.seed + 1) if evaluating else None
+        return rank_batches(vocab, gbs, mbs, seq, cfg.data.seed), valid
     if cfg.data.kind != "indexed":
         raise UserInputError(f"data.kind={cfg.data.kind!r}: choose indexed or synthetic")
     if not cfg.data.dir:
         raise UserInputError("data.dir is required for data.kind=indexed (make it with `lep-megatron data`)")
     init_distributed(train_cfg.tp, train_cfg.pp, train_cfg.seed)
     tokenizer = cfg.data.tokenizer or str(Path(cfg.checkpoint) / HF_SUBDIR)
-    train_set, _ = build_gpt_datasets(Path(cfg.data.dir), Path(tokenizer), train_cfg.seq_length,
-                                      train_cfg.steps * train_cfg.global_batch_size, None, seed=cfg.data.seed)
-    return dataset_batches(train_set, train_cfg.global_batch_size, train_cfg.micro_batch_size)
+    evaluations = -(-train_cfg.steps // train_cfg.eval_every) if evaluating else 0
+    train_set, valid_set = build_gpt_datasets(
+        Path(cfg.data.dir), Path(tokenizer), seq, train_cfg.steps * gbs,
+        evaluations * train_cfg.eval_batches * gbs if evaluating else None, seed=cfg.data.seed)
+    if evaluating and valid_set is None:
+        raise UserInputError(f"train.eval_every={train_cfg.eval_every} but {cfg.data.dir} has no validation split; "
+                             "rebuild it with valid_fraction > 0 or set train.eval_every=0")
+    valid = dataset_batches(valid_set, gbs, mbs) if evaluating else None
+    return dataset_batches(train_set, gbs, mbs), valid
 
 
 @hydra.main(version_base=None, config_path="pkg://lep_megatron.conf", config_name="pretrain")
@@ -35,7 +44,7 @@ def main(cfg) -> None:
     try:
         train_cfg = TrainConfig(checkpoint=cfg.checkpoint, out_dir=cfg.out_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                                 **OmegaConf.to_container(cfg.train))
-        train(train_cfg, make_batches(cfg, train_cfg))
+        train(train_cfg, *make_batches(cfg, train_cfg))
     except UserInputError as e:
         print(f"lep-megatron pretrain: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -75,6 +75,10 @@ class TrainConfig:
     """Seed of megatron's RNG trackers and torch."""
     log_every: int = 1
     """Print a progress line every N steps."""
+    eval_every: int = 0
+    """Validation loss every N steps (0: never)."""
+    eval_batches: int = 1
+    """Global batches of the validation set per evaluation."""
     peak_tflops_per_device: Optional[float] = None
     """Peak dense TFLOP/s of one device in the training dtype (e.g. 989 for an H100 in bf16);
     when set, the progress line shows MFU from the frozen-body FLOP count."""
@@ -148,10 +152,28 @@ def _forward_step(seq_length: int):
     return forward_step
 
 
-def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]]):
+def evaluate(model, cfg: TrainConfig, valid_batches: Callable[[int], Iterator[torch.Tensor]]) -> float:
+    """Mean loss over cfg.eval_batches global batches of the validation set (no grad)."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(1, cfg.eval_batches + 1):
+            reduced = get_forward_backward_func()(
+                forward_step_func=_forward_step(cfg.seq_length), data_iterator=valid_batches(i), model=[model],
+                num_microbatches=num_microbatches(cfg), seq_length=cfg.seq_length,
+                micro_batch_size=cfg.micro_batch_size, forward_only=True,
+            )
+            total += _mean_loss(reduced)
+    model.train()
+    return total / cfg.eval_batches
+
+
+def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
+          valid_batches: Optional[Callable[[int], Iterator[torch.Tensor]]] = None):
     """Run cfg.steps optimizer steps; `batches(step)` yields this data-parallel rank's
-    micro-batches [micro_batch_size, seq_length + 1] for that step. Returns (the global-batch
-    loss of every step, known on every rank; the trained DDP-wrapped model)."""
+    micro-batches [micro_batch_size, seq_length + 1] for that step, `valid_batches(i)` those of
+    validation batch i. Returns (the global-batch loss of every step, known on every rank; the
+    trained DDP-wrapped model)."""
     model, optimizer, scheduler, meta = build(cfg)
     n_micro = num_microbatches(cfg)
     forward_backward = get_forward_backward_func()
@@ -185,6 +207,12 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]]):
                       "tflops_per_device": tflops, "peak_memory_gib": peak_memory_gib()}
             if cfg.peak_tflops_per_device:
                 record["mfu"] = tflops / cfg.peak_tflops_per_device
+        if valid_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            valid_loss = evaluate(model, cfg, valid_batches)
+            if dist.get_rank() == 0:
+                record["valid_loss"] = valid_loss
+                print(f"step {step}/{cfg.steps} validation loss {valid_loss:.4f}", flush=True)
+        if dist.get_rank() == 0:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if step % cfg.log_every == 0 or step == cfg.steps:

@@ -25,7 +25,7 @@ def setup(corpus_dir, tmp_path_factory):
     make_hf_model(d / "hf", "llama", vocab_size=1000, layers=2, tokenizer_dir=tok)
     run(ConvertConfig("hf-to-mcore", d / "hf", d / "mc"))
     build_dataset(DataConfig(tokenizer=str(tok), out_dir=str(d / "data"), corpora={"ru": {"files": [str(d / "corpus.txt")]}},
-                             workers=1))
+                             valid_fraction=0.05, workers=1))
     return d
 
 
@@ -38,13 +38,16 @@ def pretrain(setup, out, *overrides):
 
 
 def test_loss_falls_on_the_demo_corpus(setup, tmp_path):
-    proc = pretrain(setup, tmp_path / "run")
+    proc = pretrain(setup, tmp_path / "run", "train.eval_every=4", "train.eval_batches=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     losses = [r["loss"] for r in records]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.2, losses
     assert "step 8/8 loss" in proc.stdout
+    # validation on the held-out documents at steps 4 and 8, falling too
+    valid = {r["step"]: r["valid_loss"] for r in records if "valid_loss" in r}
+    assert sorted(valid) == [4, 8] and valid[8] < valid[4], valid
 
 
 def test_data_built_with_another_tokenizer_is_refused(setup, tmp_path, corpus_dir):
