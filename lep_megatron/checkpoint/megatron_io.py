@@ -79,10 +79,13 @@ def _rank() -> int:
 
 
 def save_model(model, out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = None,
-               overwrite: bool = False) -> None:
-    """Collectively save `model` (this rank's stage/shard) to `out_dir`, atomically.
+               overwrite: bool = False, extra_state=None) -> None:
+    """Collectively save `model` (this rank's stage/shard) to `out_dir`, atomically;
+    `extra_state(model_sharded_state_dict) -> dict` (e.g. a trainer's optimizer and scheduler)
+    is saved beside the model's tensors.
 
-    All ranks write into `<out_dir>.partial`; rank 0 renames it to `out_dir` once every rank is done.
+    All ranks write into `<out_dir>.partial`; rank 0 renames it to `out_dir` once every rank is
+    done, so a save killed half-way leaves only a `.partial` directory behind.
     """
     from lep_megatron.checkpoint.hf_io import copy_side_files
 
@@ -93,7 +96,9 @@ def save_model(model, out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = N
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(partial))
+    model_state = model.sharded_state_dict()
+    extra = extra_state(model_state) if extra_state else {}
+    dist_checkpointing.save({"model": model_state, **extra}, str(partial))
     if _rank() == 0:
         meta.write(partial)
         (partial / HF_SUBDIR).mkdir()
@@ -108,8 +113,8 @@ def save_model(model, out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = N
 
 def load_model(model, ckpt_dir: Path) -> None:
     """Load this rank's part of `model` from a checkpoint saved at any TP/PP."""
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    model.load_state_dict(state)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
+    model.load_state_dict(state["model"])
 
 
 def _barrier() -> None:

@@ -7,6 +7,7 @@ and its forward/backward schedules (pipeline parallel included).
 """
 import json
 import logging
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -15,14 +16,15 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from lep_megatron.checkpoint.megatron_io import CheckpointMeta, load_model
+from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta, load_model, save_model
 from lep_megatron.common.io import UserInputError
+from lep_megatron.compat import optimizer_resume
 from lep_megatron.models import build_stage_model
 from lep_megatron.models.hf_config import parse_dtype
 from lep_megatron.parallel import init_distributed
@@ -75,6 +77,12 @@ class TrainConfig:
     """Seed of megatron's RNG trackers and torch."""
     log_every: int = 1
     """Print a progress line every N steps."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only after the last step); out_dir/checkpoints/step_NNNNNNN."""
+    exit_after: int = 0
+    """Stop after this step, once its checkpoint is saved (time-limited jobs); 0: run all steps."""
+    resume: bool = True
+    """Continue from out_dir/checkpoints/latest when it exists."""
     eval_every: int = 0
     """Validation loss every N steps (0: never)."""
     eval_batches: int = 1
@@ -118,6 +126,7 @@ def build(cfg: TrainConfig):
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
+    optimizer_resume.apply()
     optimizer = get_megatron_optimizer(opt_config, [model])
     # the schedules call these: data-parallel grad reduction (and tied-embedding grads across
     # pipeline stages) happens in finalize_model_grads, loss scaling in grad_scale_func
@@ -168,6 +177,54 @@ def evaluate(model, cfg: TrainConfig, valid_batches: Callable[[int], Iterator[to
     return total / cfg.eval_batches
 
 
+# the distributed optimizer's state layout in checkpoints that reshard over data-parallel sizes
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+LATEST = "latest"
+
+
+def checkpoint_dir(cfg: TrainConfig, step: int) -> Path:
+    return Path(cfg.out_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, meta: CheckpointMeta) -> Path:
+    """Model, optimizer and scheduler at `step`, written aside and renamed; then `latest` moves."""
+    out = checkpoint_dir(cfg, step)
+
+    def trainer_state(model_state):
+        return {"optimizer": optimizer.sharded_state_dict(model_state, is_loading=False, metadata=OPTIMIZER_METADATA),
+                "scheduler": scheduler.state_dict(), "step": step}
+
+    save_model(model.module, out, meta, hf_side_dir=Path(cfg.checkpoint) / HF_SUBDIR, overwrite=True,
+               extra_state=trainer_state)
+    if dist.get_rank() == 0:
+        pointer = out.parent / LATEST
+        tmp = pointer.with_suffix(".tmp")
+        tmp.write_text(out.name + "\n")
+        os.replace(tmp, pointer)
+    dist.barrier()
+    return out
+
+
+def resume_step(cfg: TrainConfig, model, optimizer, scheduler) -> int:
+    """Load the latest checkpoint of out_dir, if any; the last step it completed (0 if none)."""
+    pointer = Path(cfg.out_dir) / "checkpoints" / LATEST
+    if not (cfg.resume and pointer.is_file()):
+        return 0
+    ckpt = pointer.parent / pointer.read_text().strip()
+    if cfg.use_distributed_optimizer:
+        optimizer_resume.initialise_state(model, optimizer)
+    model_state = model.module.sharded_state_dict()
+    request = {"model": model_state,
+               "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)}
+    state = dist_checkpointing.load(request, str(ckpt))
+    model.module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {ckpt} (step {state['step']})", flush=True)
+    return int(state["step"])
+
+
 def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
           valid_batches: Optional[Callable[[int], Iterator[torch.Tensor]]] = None):
     """Run cfg.steps optimizer steps; `batches(step)` yields this data-parallel rank's
@@ -182,9 +239,10 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     losses = []
+    first_step = resume_step(cfg, model, optimizer, scheduler) + 1
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
     flops_per_step = step_flops(meta.shape, cfg.seq_length, body_trainable=cfg.trainable == "full").per_token * tokens_per_step
-    for step in range(1, cfg.steps + 1):
+    for step in range(first_step, cfg.steps + 1):
         start = time.perf_counter()
         model.zero_grad_buffer()
         optimizer.zero_grad()
@@ -219,6 +277,11 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
                 mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
                 print(f"step {step}/{cfg.steps} loss {loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s "
                       f"{tflops:.3g} TFLOP/s/device{mfu} mem {record['peak_memory_gib']:.2f} GiB", flush=True)
+        stopping = step == cfg.exit_after
+        if step == cfg.steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
+            save_checkpoint(cfg, step, model, optimizer, scheduler, meta)
+        if stopping:
+            break
     return losses, model
 
 
