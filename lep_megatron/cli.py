@@ -13,6 +13,7 @@ STAGES = {
     "demo": "lep_megatron.demo",
     "init": "lep_megatron.embeddings.app",
     "pretrain": "lep_megatron.training.app",
+    "propagate": "lep_megatron.propagation.app",
     "tokenizer": "lep_megatron.tokenizer.app",
     "eval": "lep_megatron.evaluation.app",
     "data": "lep_megatron.data.app",
