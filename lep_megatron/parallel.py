@@ -16,11 +16,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Join (or, outside torchrun, create a one-rank) process group and build TP/PP/DP groups.
+def _ranks_from_slurm() -> None:
+    """srun with one task per GPU: the ranks are SLURM's (MASTER_ADDR/PORT set by the launcher)."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
 
-    Ranks come from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK); NCCL with CUDA, gloo without.
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """Join (or, outside any launcher, create a one-rank) process group and build TP/PP/DP groups.
+
+    Ranks come from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) or from srun's
+    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); NCCL with CUDA, gloo without.
     """
+    _ranks_from_slurm()
     on_cpu = cpu_compat.apply()
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ:

@@ -1,0 +1,66 @@
+"""launch/pretrain.sh under a simulated SLURM allocation (SLURM_* set, srun and scontrol shimmed):
+torchrun per node, and one srun task per rank with the ranks taken from SLURM."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lep_megatron.checkpoint.convert import ConvertConfig, run
+from lep_megatron.models.tiny import make_hf_model
+
+pytestmark = pytest.mark.megatron
+ROOT = Path(__file__).resolve().parents[2]
+
+SRUN = """#!/usr/bin/env bash
+# srun on one node: --ntasks-per-node=K (else SLURM_NTASKS) copies, each with its SLURM rank
+tasks=${SLURM_NTASKS:-1}
+while [[ "$1" == --* ]]; do
+  case "$1" in --ntasks-per-node=*) tasks=${1#*=} ;; esac
+  shift
+done
+for ((i = 0; i < tasks; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & done
+status=0
+for job in $(jobs -p); do wait "$job" || status=$?; done
+exit $status
+"""
+SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] && echo localhost
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm")
+    make_hf_model(d / "hf", "llama", vocab_size=131, layers=2)
+    run(ConvertConfig("hf-to-mcore", d / "hf", d / "mc"))
+    shims = d / "bin"
+    shims.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    slurm = dict(os.environ, PATH=f"{shims}:{os.environ['PATH']}", PYTHON=sys.executable, SLURM_JOB_ID="4242",
+                 SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_GPUS_ON_NODE="2",
+                 OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return d, slurm
+
+
+@pytest.mark.parametrize("launcher,extra", [("torchrun", {}), ("srun", {"SLURM_NTASKS": "2"})])
+def test_pretrain_sh_under_slurm(env, tmp_path, launcher, extra):
+    d, slurm = env
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "pretrain.sh"), f"checkpoint={d / 'mc'}", f"out_dir={out}",
+         "data.kind=synthetic", "train.steps=2", "train.seq_length=16", "train.micro_batch_size=1",
+         "train.global_batch_size=2", "train.warmup_steps=1"],
+        env=dict(slurm, LAUNCHER=launcher, LOG_DIR=str(tmp_path / "logs"), **extra),
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    log = (tmp_path / "logs" / "pretrain.log")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + (log.read_text()[-3000:] if log.exists() else "")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert json.loads((out / "train_config.json").read_text())["global_batch_size"] == 2
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    assert "step 2/2 loss" in log.read_text()
