@@ -7,6 +7,7 @@ and its forward/backward schedules (pipeline parallel included).
 """
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -83,6 +84,11 @@ class TrainConfig:
     """Stop after this step, once its checkpoint is saved (time-limited jobs); 0: run all steps."""
     resume: bool = True
     """Continue from out_dir/checkpoints/latest when it exists."""
+    spike_factor: float = 3.0
+    """Skip a step whose loss is not finite or exceeds this many times the mean of the last
+    steps (a loss spike); 0 disables the spike test (non-finite losses are always skipped)."""
+    max_skipped_steps: int = 5
+    """Stop with an error after this many skipped steps in a row."""
     eval_every: int = 0
     """Validation loss every N steps (0: never)."""
     eval_batches: int = 1
@@ -240,6 +246,7 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
         (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     losses = []
     first_step = resume_step(cfg, model, optimizer, scheduler) + 1
+    guard = LossGuard(cfg.spike_factor, cfg.max_skipped_steps)
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
     flops_per_step = step_flops(meta.shape, cfg.seq_length, body_trainable=cfg.trainable == "full").per_token * tokens_per_step
     for step in range(first_step, cfg.steps + 1):
@@ -252,14 +259,17 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
             forward_only=False,
         )
         lr = optimizer.param_groups[0]["lr"]
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
         loss = _mean_loss(reduced)
         losses.append(loss)
+        if guard.skip(loss):
+            grad_norm = None  # the gradients of this batch are dropped; the schedule does not advance
+        else:
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
         if dist.get_rank() == 0:
             tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
-            record = {"step": step, "loss": loss, "lr": lr,
+            record = {"step": step, "loss": loss, "lr": lr, "skipped": guard.skipped_in_a_row > 0,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
                       "tflops_per_device": tflops, "peak_memory_gib": peak_memory_gib()}
@@ -283,6 +293,33 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
         if stopping:
             break
     return losses, model
+
+
+class LossGuard:
+    """Decides whether a step's update is skipped: a non-finite loss, or a spike above
+    `spike_factor` x the mean of the last `window` accepted losses; raises after
+    `max_skipped` skips in a row."""
+
+    def __init__(self, spike_factor: float, max_skipped: int, window: int = 20):
+        self.spike_factor, self.max_skipped, self.window = spike_factor, max_skipped, window
+        self.recent = []
+        self.skipped_in_a_row = 0
+
+    def skip(self, loss: float) -> bool:
+        mean = sum(self.recent) / len(self.recent) if self.recent else None
+        spike = bool(self.spike_factor and mean is not None and loss > self.spike_factor * mean)
+        if math.isfinite(loss) and not spike:
+            self.recent = (self.recent + [loss])[-self.window:]
+            self.skipped_in_a_row = 0
+            return False
+        self.skipped_in_a_row += 1
+        if dist.get_rank() == 0:
+            print(f"skipping the update: loss {loss} ({'spike' if spike else 'not finite'}), "
+                  f"{self.skipped_in_a_row} in a row", flush=True)
+        if self.skipped_in_a_row >= self.max_skipped:
+            raise RuntimeError(f"{self.skipped_in_a_row} steps in a row had a non-finite or spiking loss "
+                               "(train.max_skipped_steps); lower train.lr or check the data")
+        return True
 
 
 def peak_memory_gib() -> float:
