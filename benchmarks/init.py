@@ -236,6 +236,7 @@ def main():
         texts_path.unlink()
     report["results"] = results
     report["machine"]["load_average_at_end"] = os.getloadavg()
+    report["machine"]["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
