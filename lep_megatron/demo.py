@@ -3,11 +3,11 @@ import json
 import shutil
 from pathlib import Path
 
-import hydra
 import torch
 
 from lep_megatron.checkpoint.convert import ConvertConfig, run
 from lep_megatron.checkpoint.hf_io import SafetensorsReader
+from lep_megatron.common.app import stage_app
 from lep_megatron.common.launch import torchrun
 from lep_megatron.models.tiny import make_hf_model
 
@@ -47,7 +47,7 @@ def format_table(results: dict) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-@hydra.main(version_base=None, config_path="pkg://lep_megatron.conf", config_name="demo")
+@stage_app("demo")
 def main(cfg) -> None:
     results = demo(Path(cfg.out_dir).absolute(), list(cfg.archs), cfg.vocab_size, cfg.layouts, cfg.nproc)
     print("\nmax |logits_megatron - logits_transformers| (fp32, CPU, gloo):")

@@ -10,7 +10,6 @@ the other layouts (resharding a checkpoint written at TP/PP > 1).
 """
 import argparse
 import json
-from functools import partial
 from pathlib import Path
 
 import torch

@@ -3,10 +3,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lep_megatron.common.io import UserInputError, atomic_dir
+from lep_megatron.common.app import stage_app
+from lep_megatron.common.io import atomic_dir
 from lep_megatron.evaluation.backends.hf import HFBackend
 from lep_megatron.evaluation.config import EvalConfig
 from lep_megatron.evaluation.prompts import make_format
@@ -37,11 +37,7 @@ def run(cfg: EvalConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base=None, config_path="pkg://lep_megatron.conf", config_name="eval")
+@stage_app("eval")
 def main(conf: DictConfig) -> None:
-    try:
-        summary = run(EvalConfig(**OmegaConf.to_container(conf, resolve=True)))
-    except UserInputError as e:
-        print(f"lep-megatron eval: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = run(EvalConfig(**OmegaConf.to_container(conf, resolve=True)))
     print(f"micro-average {summary['micro_average']:.4f} -> {conf.out}/report.md")

@@ -8,13 +8,12 @@
     lep-megatron tokenizer originals out_dir=runs/originals   # write the packaged originals as HF dirs
 """
 import logging
-import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lep_megatron.common.app import stage_app
 from lep_megatron.common.io import UserInputError
 from lep_megatron.tokenizer import originals as O
 from lep_megatron.tokenizer.extend import ExtendConfig, extend
@@ -68,13 +67,9 @@ def run(cfg: dict) -> None:
         raise UserInputError(f"action={action!r}: choose train, extend, optimize, report, map or originals")
 
 
-@hydra.main(version_base=None, config_path="pkg://lep_megatron.conf", config_name="tokenizer")
+@stage_app("tokenizer")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(OmegaConf.to_container(cfg, resolve=True))
-    except UserInputError as err:
-        print(f"lep-megatron tokenizer: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(OmegaConf.to_container(cfg, resolve=True))
 
 
 if __name__ == "__main__":

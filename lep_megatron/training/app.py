@@ -1,11 +1,10 @@
 """Hydra app of `lep-megatron pretrain` (run it under torchrun / srun for several ranks)."""
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import OmegaConf
 
 from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta
+from lep_megatron.common.app import stage_app
 from lep_megatron.common.io import UserInputError
 from lep_megatron.data.loader import build_gpt_datasets
 from lep_megatron.parallel import init_distributed
@@ -39,12 +38,8 @@ def make_batches(cfg, train_cfg: TrainConfig):
     return dataset_batches(train_set, gbs, mbs), valid
 
 
-@hydra.main(version_base=None, config_path="pkg://lep_megatron.conf", config_name="pretrain")
+@stage_app("pretrain")
 def main(cfg) -> None:
-    try:
-        train_cfg = TrainConfig(checkpoint=cfg.checkpoint, out_dir=cfg.out_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                                **OmegaConf.to_container(cfg.train))
-        train(train_cfg, *make_batches(cfg, train_cfg))
-    except UserInputError as e:
-        print(f"lep-megatron pretrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train_cfg = TrainConfig(checkpoint=cfg.checkpoint, out_dir=cfg.out_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                            **OmegaConf.to_container(cfg.train))
+    train(train_cfg, *make_batches(cfg, train_cfg))
