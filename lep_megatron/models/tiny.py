@@ -61,3 +61,28 @@ def save_word_tokenizer(out_dir: Path, size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(str(out_dir))
+
+
+def write_random_checkpoint(out_dir: Path, config: dict, max_shard_bytes: int = 2 * 2**30, seed: int = 0) -> int:
+    """An HF checkpoint of random tensors (std 0.02, config's torch_dtype) for `config`, written
+    one tensor at a time, so its size is bounded by disk only (benchmarks, memory tests); returns
+    the bytes of weights written."""
+    import json
+
+    from lep_megatron.checkpoint.hf_io import ShardedSafetensorsWriter
+    from lep_megatron.models.hf_config import HFModelShape, parse_dtype
+    from lep_megatron.models.state_dict_adapter import StateDictAdapter
+
+    shape = HFModelShape.from_hf_config(config)
+    dtype = parse_dtype(shape.torch_dtype)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True)
+    shapes = StateDictAdapter(shape, shape.vocab_size).hf_shapes()
+    writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
+    writer.expect((name, s, dtype) for name, s in shapes.items())
+    g = torch.Generator().manual_seed(seed)
+    for name, s in shapes.items():
+        writer.add(name, (torch.randn(s, generator=g) * 0.02).to(dtype))
+    writer.close()
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return writer.total_bytes
