@@ -9,8 +9,11 @@ over: embeddings I_A.D, head O_A.U, where
   sum_conversion  as conversion with the rows of T summed instead of averaged;
 and U likewise on the heads. The instruct model's added (chat/special) tokens keep its rows.
 
-Streaming: only the embedding/head tensors are read whole (two tables at a time for the fit,
-then the donor's and the output table); S's body tensors are copied through one at a time.
+Streaming: only the embedding/head tensors are read whole, as stored (bfloat16 for most
+checkpoints): the base's and the instruct's table of one kind for its fit, then the donor's table
+and the output table; the design rows T.I of a fit are made in float64 chunks and folded into the
+Gram matrices (solve.py). Every output tensor goes to disk as it is made, S's body tensors one at a
+time, so memory never holds more than two tables and a chunk.
 """
 import json
 import logging
@@ -25,14 +28,18 @@ from lep_megatron.checkpoint.hf_io import ShardedSafetensorsWriter
 from lep_megatron.common.io import UserInputError, atomic_dir, check_out_dir, progress
 from lep_megatron.embeddings.initialize import EMBED, HEAD
 from lep_megatron.models.hf_config import read_config
-from lep_megatron.propagation.inputs import Model, check_compatible, conversion_rows, overlap_rows
+from lep_megatron.propagation.inputs import (HFModel, Model, check_compatible, conversion_rows, open_model,
+                                             overlap_rows)
 from lep_megatron.propagation.solve import SOLVERS, apply_map, fit_map, identity_residual
 from lep_megatron.propagation.tokenizer_merge import MergedTokenizer, merge_tokenizers
 
 log = logging.getLogger(__name__)
 
 MODES = ("swap", "overlap", "conversion", "sum_conversion")
-TABLES = {"embed_tokens": EMBED, "lm_head": HEAD}
+TABLES = {EMBED: "embed_tokens", HEAD: "lm_head"}
+"""HF tensor name -> the name of its table (and map) in the report and the maps file."""
+FIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Table dtypes the fit reads as they are (the segment op's); others are read as float32."""
 REPORT_NAME, MAPS_NAME = "propagation_report.json", "propagation_maps.safetensors"
 
 
@@ -45,7 +52,9 @@ class PropagateConfig:
     instruct: str
     """HF dir of the instruct model S tuned from B: the output's body, chat tokens and template."""
     donor: str
-    """HF dir of the adapted donor A (new tokenizer, embeddings trained on the target language)."""
+    """The adapted donor A (new tokenizer, embeddings trained on the target language): an HF dir or
+    a Megatron checkpoint dir of ours (lep_model.json; e.g. a pretrain checkpoint), whose tokenizer
+    is read from its hf/ subdir and whose vocabulary padding is dropped."""
     out_dir: str
     """Output HF model directory (written aside, then renamed)."""
     mode: str = "conversion"
@@ -53,8 +62,8 @@ class PropagateConfig:
     solver: str = "normal"
     """Float64 least squares: normal (streamed Gram matrices + Cholesky) or qr (streamed QR)."""
     token_map: Optional[str] = None
-    """conversion: T of the donor's tokenizer over the base's; null takes the donor dir's
-    token_map.safetensors (written by `lep-megatron init`), else builds it."""
+    """conversion: T of the donor's tokenizer over the base's; null takes the token_map.safetensors
+    beside the donor's tokenizer.json (`lep-megatron init` writes one), else builds it."""
     chunk_rows: int = 4096
     """normal solver: rows of T.I averaged, promoted to float64 and folded into the solve at a time."""
     overwrite: bool = False
@@ -93,34 +102,34 @@ def fit_tables(cfg: PropagateConfig, base: Model, instruct: Model, donor: Model,
         rows = conversion_rows(cfg.token_map, base, donor)
     elif cfg.mode == "overlap":
         rows = overlap_rows(base, donor)
-    names = ["embed_tokens"] if instruct.shape.tie_word_embeddings else list(TABLES)
+    names = [TABLES[EMBED]] if instruct.shape.tie_word_embeddings else list(TABLES.values())
     fitted = {}
     for name in names:
         head = name == "lm_head"
-        x = base.table(head).float().contiguous()
-        s_table = instruct.table(head)
+        x, s_table = base.table(head), instruct.table(head)
         kept = s_table[list(merged.instruct_rows.values())].clone()
-        y = s_table[:base.rows].float().contiguous()
-        dtype = s_table.dtype
-        del s_table
+        y = s_table[:base.rows]  # leading rows: a contiguous view
+        if x.dtype != y.dtype or x.dtype not in FIT_DTYPES:
+            x, y = x.float(), y.float()
         if rows is None:
-            fitted[name] = FittedTable(None, kept, dtype, {"residual": identity_residual(x, y),
-                                                           "rows_used": base.rows, "map": "identity"})
+            fitted[name] = FittedTable(None, kept, s_table.dtype, {"residual": identity_residual(x, y),
+                                                                   "rows_used": base.rows, "map": "identity"})
         else:
             sol = fit_map(x, y, rows, cfg.solver, cfg.chunk_rows, summed=cfg.mode == "sum_conversion")
-            fitted[name] = FittedTable(sol.map, kept, dtype, {"residual": sol.residual, "rows_used": sol.rows,
-                                                              "solver": sol.solver})
+            fitted[name] = FittedTable(sol.map, kept, s_table.dtype, {"residual": sol.residual,
+                                                                      "rows_used": sol.rows, "solver": sol.solver})
         log.info("propagate %s %s: residual %.3g over %d rows", cfg.mode, name, fitted[name].report["residual"],
                  fitted[name].report["rows_used"])
-        del x, y
+        del x, y, s_table
     return fitted
 
 
-def output_table(donor: Model, head: bool, fitted: FittedTable, merged: MergedTokenizer) -> torch.Tensor:
+def output_table(donor: Model, head: bool, fitted: FittedTable, merged: MergedTokenizer, rows: int) -> torch.Tensor:
     """Donor rows . map, then the instruct model's added tokens with the instruct rows."""
     src = donor.table(head)
-    out = torch.zeros(max(src.shape[0], merged.vocab_size), src.shape[1], dtype=fitted.dtype)
+    out = torch.empty(rows, src.shape[1], dtype=fitted.dtype)
     apply_map(src, fitted.map, out)
+    out[src.shape[0]:] = 0
     del src
     out[list(merged.instruct_rows)] = fitted.instruct_rows
     return out
@@ -129,9 +138,13 @@ def output_table(donor: Model, head: bool, fitted: FittedTable, merged: MergedTo
 def propagate(cfg: PropagateConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     check_out_dir(out_dir, cfg.overwrite)
-    base, instruct, donor = (Model.open(k, getattr(cfg, k)) for k in ("base", "instruct", "donor"))
+    base, instruct, donor = (open_model(k, getattr(cfg, k)) for k in ("base", "instruct", "donor"))
+    for model in (base, instruct):
+        if not isinstance(model, HFModel):
+            raise UserInputError(f"{model.key}={model.path} is a Megatron checkpoint; only the donor may be one "
+                                 "(export it with `lep-megatron convert mcore-to-hf`)")
     check_compatible(base, instruct, donor)
-    merged = merge_tokenizers(donor.tokenizer, donor.path, instruct.tokenizer, instruct.path)
+    merged = merge_tokenizers(donor.tokenizer, donor.tokenizer_dir, instruct.tokenizer, instruct.path)
     beyond = [i for i in merged.instruct_rows.values() if i >= instruct.rows]
     if beyond:
         raise UserInputError(f"instruct={instruct.path}: tokenizer.json has added tokens with ids {beyond} beyond "
@@ -141,18 +154,15 @@ def propagate(cfg: PropagateConfig) -> Path:
     gen = merged.remap_ids(json.loads(gen_path.read_text()), str(gen_path)) if gen_path.is_file() else None
     fitted = fit_tables(cfg, base, instruct, donor, merged)
 
+    vocab_size = max(donor.rows, merged.vocab_size)
+    names = instruct.reader.keys()
     with atomic_dir(out_dir, cfg.overwrite) as tmp:
-        # shards of 2 GiB hold one 8B-sized table each: one pending table at a time, not two
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=2 * 2**30)
-        names = instruct.reader.keys()
-        vocab_size = None
+        writer = ShardedSafetensorsWriter(tmp)
+        writer.expect((name, (vocab_size, instruct.shape.hidden_size), fitted[TABLES[name]].dtype) if name in TABLES
+                      else (name, instruct.reader.shape(name), instruct.reader.dtype(name)) for name in names)
         for name in progress(names, len(names), "propagate: tensors"):
-            if name in (EMBED, HEAD):
-                table = output_table(donor, name == HEAD, fitted["lm_head" if name == HEAD else "embed_tokens"],
-                                     merged)
-                vocab_size = table.shape[0]
-                writer.add(name, table)
-                del table
+            if name in TABLES:
+                writer.add(name, output_table(donor, name == HEAD, fitted[TABLES[name]], merged, vocab_size))
             else:
                 writer.add(name, instruct.reader.get(name))
         writer.close()

@@ -1,6 +1,8 @@
 """`lep-megatron propagate` end to end on the synthetic setup of conftest.py: the maps D_true and
-U_true recovered, output rows = donor rows . D in float64, the instruct model's chat tokens and
-template carried over, a tied model, bad input, the CLI."""
+U_true recovered (exactly without noise, within the noise level with it), output rows = donor
+rows . D in float64, the instruct model's chat tokens and template carried over, a tied model, bad
+input and a failure while writing, the CLI."""
+import importlib
 import json
 import subprocess
 import sys
@@ -50,6 +52,24 @@ def test_maps_recovered_exactly(lep, tmp_path, mode, solver):
         assert report["tables"][table]["residual"] < 1e-6
         assert report["tables"][table]["rows_used"] >= want_rows
     assert report["mode"] == mode and report["vocab_size"] == n_donor + 2
+
+
+@pytest.mark.parametrize("mode", ["conversion", "overlap"])
+def test_noisy_instruct_degrades_gracefully(lep, tmp_path, mode):
+    """S = B.D_true + noise: the map's error stays well below the noise level and grows with it, and
+    the reported residual is the noise level (the rows of T average few entries, so hardly less)."""
+    errors = []
+    for noise in (1e-3, 1e-2):
+        instruct = tmp_path / f"instruct-{noise}"
+        make_instruct(lep["base"], instruct, lep["D"], lep["U"], noise=noise)
+        out = run(lep, tmp_path / f"out-{noise}", instruct=str(instruct), mode=mode)
+        maps = load_file(str(out / "propagation_maps.safetensors"))
+        report = json.loads((out / "propagation_report.json").read_text())
+        for table, true in (("embed_tokens", lep["D"]), ("lm_head", lep["U"])):
+            errors.append(rel(maps[table], true))
+            assert errors[-1] < 0.2 * noise, (table, noise)
+            assert 0.8 * noise < report["tables"][table]["residual"] < 1.2 * noise, (table, noise)
+    assert errors[0] < errors[2] and errors[1] < errors[3]
 
 
 def test_swap_keeps_donor_rows_and_chat_works(lep, tmp_path):
@@ -141,6 +161,30 @@ def test_bad_input(lep, tmp_path):
     TokenMap(offsets=torch.arange(3), indices=torch.tensor([0, 1]), weights=torch.ones(2), old_vocab_size=OLD_VOCAB,
              meta={"new_tokenizer": "0" * 64}).save(other)
     fails(r"token_map .*built for another tokenizer", token_map=str(other))
+
+
+def test_failure_while_writing_leaves_nothing(lep, tmp_path, monkeypatch):
+    """The disk fills up after the first output table: no out_dir, no temporary dir left beside it."""
+    module = importlib.import_module("lep_megatron.propagation.propagate")
+    written = []
+
+    def disk_full_after_one(*args):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(args[1])
+        return real(*args)
+
+    real = module.output_table
+    monkeypatch.setattr(module, "output_table", disk_full_after_one)
+    with pytest.raises(OSError, match="No space left"):
+        run(lep, tmp_path / "out", mode="swap")
+    assert written and list(tmp_path.iterdir()) == []
+    # an existing result is not replaced without overwrite=true
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("previous run")
+    with pytest.raises(UserInputError, match=r"out_dir=.* exists and is not empty; .* overwrite=true"):
+        run(lep, tmp_path / "out", mode="swap")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
 def test_cli(lep, tmp_path):

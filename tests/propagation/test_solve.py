@@ -82,3 +82,16 @@ def test_rank_deficient_design_falls_back(problem):
         # 32 rows cannot pin down a 64 x 64 map, but any minimiser fits them exactly
         assert rel(x[100:132].double() @ sol.map, y[100:132].double()) < 1e-6 and sol.residual < 1e-3
     assert sol.solver == "qr" and fit_map(x, y, few).solver.startswith("normal+gelsy")
+
+
+@pytest.mark.parametrize("solver", ["normal", "qr"])
+def test_bfloat16_tables_fit_as_their_float32_values(problem, solver):
+    """propagate fits the tables as stored (bf16 for most checkpoints): the map of their float32
+    copies (checked against the float64 reference above) up to float64 rounding."""
+    x, designs, d_true = problem
+    x16 = x.bfloat16()
+    y16 = (x.double() @ d_true).bfloat16()
+    for design in designs.values():
+        got = fit_map(x16, y16, design, solver, chunk_rows=5000)
+        want = fit_map(x16.float(), y16.float(), design, solver, chunk_rows=5000)
+        assert rel(got.map, want.map) < 1e-12 and got.residual == pytest.approx(want.residual, rel=1e-9)
