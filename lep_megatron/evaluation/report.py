@@ -29,6 +29,11 @@ def markdown(summary: Dict[str, Any]) -> str:
     for name, t in summary["tasks"].items():
         shown = ", ".join(f"{k}={v:.4f}" for k, v in t["metrics"].items())
         lines.append(f"| {name} | {t['group']} | {t['score']:.4f} | {shown} | {t['requests']} |")
+    if "perplexity" in summary:
+        p = summary["perplexity"]
+        lines += ["", f"per-character perplexity of {p['documents']} held-out documents ({p['chars']} characters, "
+                  f"{p['chars_per_token']:.3f} characters/token): **{p['char_perplexity']:.4f}** "
+                  f"({p['bits_per_char']:.4f} bits/character)"]
     return "\n".join(lines) + "\n"
 
 

@@ -50,15 +50,20 @@ def call_backend(task: Task, backend: LMBackend, requests: Sequence[Request], ba
     return outputs
 
 
-def run_task(task: Task, backend: LMBackend, fmt: PromptFormat, data_dir: Path, max_len: int,
-             batch_size: int) -> Tuple[TaskResult, List[Request], List[Dict[str, Any]]]:
-    start = time.monotonic()
+def task_requests(task: Task, backend: LMBackend, fmt: PromptFormat, data_dir: Path, max_len: int) -> List[Request]:
+    """Read the task's data and render its prompts for `backend`'s tokenizer (no model call)."""
     builder = PromptBuilder(
         format=fmt, count_tokens=backend.count_tokens, bos_text=backend.bos_text,
         max_len=effective_max_len(max_len, backend.max_positions, task.max_new_tokens),
         leading_space=backend.adds_leading_space,
     )
-    requests = task.requests(Path(data_dir), builder)
+    return task.requests(Path(data_dir), builder)
+
+
+def run_task(task: Task, backend: LMBackend, fmt: PromptFormat, data_dir: Path, max_len: int,
+             batch_size: int) -> Tuple[TaskResult, List[Request], List[Dict[str, Any]]]:
+    start = time.monotonic()
+    requests = task_requests(task, backend, fmt, data_dir, max_len)
     outputs = call_backend(task, backend, requests, batch_size, fmt.stop_strings)
     records = [task.score(r.doc, out) for r, out in zip(requests, outputs)]
     task_metrics = task.aggregate(records)
