@@ -13,6 +13,7 @@
 #   sbatch [--nodes=N] launch/pretrain.sh checkpoint=CKPT out_dir=RUN data.dir=DATA [key=value ...]
 #   LAUNCHER=srun sbatch --ntasks-per-node=8 launch/pretrain.sh ...   one task per GPU, ranks from SLURM
 #   bash launch/pretrain.sh ...       no SLURM: torchrun here with NPROC_PER_NODE ranks (default: GPUs, else 1)
+#   bash launch/pretrain.sh model=llama3_8b out_dir=RUN dry_run=true [cluster.nodes=N]   plan only, no launch
 #
 # Hydra overrides pass through unchanged. Default launcher: one srun task per node running
 # torchrun, rendezvous on the first node of the allocation. Preemption / time limit: SLURM sends
@@ -21,6 +22,10 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 LAUNCHER=${LAUNCHER:-torchrun}
+# dry_run=true: print the config, the parallel plan and the memory estimate here; launch nothing
+for arg in "$@"; do
+  case "$arg" in dry_run=true | dry_run=True | ++dry_run=true | ++dry_run=True) exec "$PYTHON" -m lep_megatron pretrain "$@" ;; esac
+done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}

@@ -62,6 +62,16 @@ TENSOR_TYPE_AS_CUDA = {
         "accepts only torch.cuda.* parameter types for its main parameters",
 }
 
+# "module:function" -> why: functions that get or set the CUDA generator's state, which does not
+# exist without CUDA; they become _no_cuda_generator
+CUDA_RNG_STATE_FUNCTIONS = {
+    "megatron.core.tensor_parallel.random:_get_cuda_rng_state":
+        "activation recomputation (CheckpointFunction) saves the CUDA RNG state before the forward",
+    "megatron.core.tensor_parallel.random:_set_cuda_rng_state":
+        "and restores it for the recomputation (torch.cuda._lazy_call would queue every restore, "
+        "with its stack trace, for a CUDA initialisation that never comes)",
+}
+
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "as_tensor")
 
 
@@ -168,6 +178,11 @@ def _replace_everywhere(module, qualname: str, wrap) -> None:
             setattr(other, qualname, wrapped)
 
 
+def _no_cuda_generator(*args, **kwargs):
+    """Getting or setting the state of a CUDA generator that does not exist: an empty state."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
 def _with_tensor_cuda_as_identity(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
@@ -199,7 +214,8 @@ def apply() -> bool:
             module.torch = cpu_torch
             log.debug("CPU fallback for %s: %s", name, reason)
         for table, wrap in ((TENSOR_CUDA_METHODS, _with_tensor_cuda_as_identity),
-                            (TENSOR_TYPE_AS_CUDA, _with_tensor_type_as_cuda)):
+                            (TENSOR_TYPE_AS_CUDA, _with_tensor_type_as_cuda),
+                            (CUDA_RNG_STATE_FUNCTIONS, lambda original: _no_cuda_generator)):
             for path, reason in table.items():
                 module_name, qualname = path.split(":")
                 _replace_everywhere(importlib.import_module(module_name), qualname, wrap)

@@ -1,4 +1,6 @@
 """HF model shape -> megatron-core TransformerConfig + GPTModel (TE spec on GPU, local spec on CPU)."""
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -69,11 +71,18 @@ def transformer_config(shape: HFModelShape, tp: int = 1, pp: int = 1,
         # without CUDA, weights are created on the CPU; the fused kernels are CUDA-only
         use_cpu_initialization=not on_gpu,
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and fused_softmax_built(),
         bias_dropout_fusion=on_gpu,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def fused_softmax_built() -> bool:
+    """megatron's fused masked softmax (local spec) calls CUDA extensions that the megatron-core
+    wheel does not ship (Megatron-LM / apex builds do); without them, torch's softmax."""
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
 
 
 def layer_spec(use_te: bool):
@@ -106,8 +115,9 @@ def build_gpt_model(shape: HFModelShape, config: TransformerConfig, padded_vocab
         # (Llama-3.1 values); apply the checkpoint's own values with megatron's formula instead
         rope = model.rotary_pos_emb
         rope.inv_freq = rope._apply_scaling(rope.inv_freq, **shape.rope_scaling)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not any(p.is_meta for p in model.parameters()):
         # megatron's parallel linears allocate on the GPU; torch norms are created on the CPU
+        # (a model built on the meta device only describes a checkpoint's layout: nothing to move)
         model.cuda(torch.cuda.current_device())
     return model
 

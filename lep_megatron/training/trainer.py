@@ -9,28 +9,34 @@ import json
 import logging
 import math
 import os
+import random
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta, load_model, save_model
 from lep_megatron.common.io import UserInputError
 from lep_megatron.compat import optimizer_resume
 from lep_megatron.models import build_stage_model
+from lep_megatron.models.lora import LoRAConfig, add_lora
 from lep_megatron.models.hf_config import parse_dtype
 from lep_megatron.parallel import init_distributed
 from lep_megatron.training.flops import step_flops
-from lep_megatron.training.freeze import TRAINABLE_PREFIXES, apply_freeze
+from lep_megatron.training.freeze import POLICIES, apply_freeze, lora_config
+from lep_megatron.training.plan import RECOMPUTE_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,7 @@ class TrainConfig:
     """Megatron checkpoint to start from (`lep-megatron convert hf-to-mcore` or `init`)."""
     out_dir: str
     """Run directory: metrics.jsonl (and checkpoints)."""
-    steps: int = 100
+    steps: int = 30000
     """Optimizer steps."""
     seq_length: int = 1024
     """Tokens per sample."""
@@ -65,7 +71,18 @@ class TrainConfig:
     clip_grad: float = 1.0
     """Gradient clipping by global norm."""
     trainable: str = "embeddings_only"
-    """Trainable-parameter policy (lep_megatron.training.freeze)."""
+    """Trainable-parameter policy (lep_megatron.training.freeze): embeddings_only | full |
+    calibration (LoRA on the first and last layers + embeddings and head) | sft (LoRA on every
+    layer + head)."""
+    lora_rank: Optional[int] = None
+    """LoRA rank of calibration / sft; None: the policy's (8 calibration, 32 sft)."""
+    lora_alpha: Optional[float] = None
+    """LoRA alpha (updates scaled by alpha / rank); None: the policy's (1 calibration, 16 sft)."""
+    lora_layers: Optional[List[int]] = None
+    """Layers that get adapters (global, 0-based, negative from the end); None: the policy's
+    (calibration [0, -1], sft every layer)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
     tp: int = 1
     """Tensor parallel size."""
     pp: int = 1
@@ -93,16 +110,34 @@ class TrainConfig:
     """Validation loss every N steps (0: never)."""
     eval_batches: int = 1
     """Global batches of the validation set per evaluation."""
+    tensorboard: bool = True
+    """Also write the metrics as TensorBoard event files (out_dir/tensorboard, rank 0)."""
     peak_tflops_per_device: Optional[float] = None
     """Peak dense TFLOP/s of one device in the training dtype (e.g. 989 for an H100 in bf16);
     when set, the progress line shows MFU from the frozen-body FLOP count."""
+    recompute: str = "none"
+    """Activation recomputation: none | selective (megatron's core_attn: attention scores
+    recomputed in backward) | full (every layer keeps only its input and reruns in backward)."""
 
     def __post_init__(self):
-        if self.trainable not in TRAINABLE_PREFIXES:
-            raise UserInputError(f"train.trainable={self.trainable!r}: choose one of {sorted(TRAINABLE_PREFIXES)}")
+        if self.trainable not in POLICIES:
+            raise UserInputError(f"train.trainable={self.trainable!r}: choose one of {sorted(POLICIES)}")
+        lora_set = self.lora_rank is not None or self.lora_alpha is not None or self.lora_layers is not None
+        if self.lora() is None and (lora_set or self.lora_dropout):
+            raise UserInputError(f"train.lora_* are set but train.trainable={self.trainable} has no LoRA adapters; "
+                                 "use trainable=calibration or sft")
         if self.steps < 1 or self.seq_length < 2 or self.micro_batch_size < 1:
             raise UserInputError("train.steps, train.micro_batch_size must be >= 1 and train.seq_length >= 2")
+        if not 0 <= self.warmup_steps < self.steps:  # megatron's scheduler decays over the steps after warm-up
+            raise UserInputError(f"train.warmup_steps={self.warmup_steps} must lie in [0, train.steps={self.steps})")
         parse_dtype(self.dtype, "train.dtype")
+        if self.recompute not in RECOMPUTE_SETTINGS:
+            raise UserInputError(f"train.recompute={self.recompute!r}: choose one of {list(RECOMPUTE_SETTINGS)}")
+
+    def lora(self) -> Optional[LoRAConfig]:
+        """The adapters the trainable policy inserts (None: none)."""
+        return lora_config(self.trainable, self.lora_rank, self.lora_alpha, self.lora_layers, self.lora_dropout,
+                           self.seed)
 
 
 def num_microbatches(cfg: TrainConfig) -> int:
@@ -120,9 +155,21 @@ def build(cfg: TrainConfig):
     meta = CheckpointMeta.read(cfg.checkpoint)
     meta.check_tp(cfg.tp)
     dtype = parse_dtype(cfg.dtype)
-    model = build_stage_model(meta.shape, meta.padded_vocab_size, dtype)
+    model = build_stage_model(meta.shape, meta.padded_vocab_size, dtype, **RECOMPUTE_SETTINGS[cfg.recompute])
+    if meta.lora:
+        raise UserInputError(f"checkpoint={cfg.checkpoint} holds LoRA adapters; export it merged "
+                             "(`lep-megatron convert mcore-to-hf`, then hf-to-mcore) to train on from it")
     load_model(model, cfg.checkpoint)
+    lora = cfg.lora()
+    if lora is not None:
+        # after the base weights are loaded, before freezing and the DDP wrap; the run's
+        # checkpoints record the adapters so that export can merge them
+        add_lora(model, lora)
+        meta = replace(meta, lora=asdict(lora))
     apply_freeze(model, cfg.trainable)
+    # losses are summed per micro-batch and divided by the global count of loss tokens
+    # (finalize_model_grads), so loss-masked batches weigh every counted token equally
+    model.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                use_distributed_optimizer=cfg.use_distributed_optimizer)
     model = DistributedDataParallel(model.config, ddp_config, model)
@@ -148,19 +195,26 @@ def build(cfg: TrainConfig):
 
 
 def _forward_step(seq_length: int):
+    """Megatron's forward_step over micro-batches that are token tensors [mbs, seq_length + 1]
+    (every label counts) or dicts {"tokens": that, "loss_mask": [mbs, seq_length]} (1 where the
+    label, tokens[:, 1:], counts: e.g. assistant tokens of a chat)."""
     def forward_step(data_iterator, model):
-        tokens = next(data_iterator)
+        batch = next(data_iterator)
         device = next(model.parameters()).device
-        tokens = tokens.to(device)
+        tokens = (batch["tokens"] if isinstance(batch, dict) else batch).to(device)
         ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        mask = batch["loss_mask"].to(device).float() if isinstance(batch, dict) else torch.ones_like(labels, dtype=torch.float)
         b = ids.shape[0]
         position_ids = torch.arange(seq_length, device=device).expand(b, seq_length)
         per_token = model(ids, position_ids, None, labels=labels)
 
         def loss_func(output):
-            loss = output.float().mean()
-            # the schedule divides the returned loss in place by the number of micro-batches
-            return loss, {"lm loss": loss.detach().clone()}
+            # (sum, count): with calculate_per_token_loss the schedule keeps the sum and
+            # finalize_model_grads divides the gradients by the count over all micro-batches and
+            # data-parallel ranks: the mean over the global batch's counted tokens
+            loss_sum = (output.float() * mask).sum()
+            count = mask.sum().to(torch.int)
+            return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), count.detach().float()])}
 
         return per_token, loss_func
 
@@ -198,7 +252,8 @@ def save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, me
 
     def trainer_state(model_state):
         return {"optimizer": optimizer.sharded_state_dict(model_state, is_loading=False, metadata=OPTIMIZER_METADATA),
-                "scheduler": scheduler.state_dict(), "step": step}
+                "scheduler": scheduler.state_dict(), "step": step,
+                "rng": _rng_object(rng_state()), "rng_world_size": dist.get_world_size()}
 
     save_model(model.module, out, meta, hf_side_dir=Path(cfg.checkpoint) / HF_SUBDIR, overwrite=True,
                extra_state=trainer_state)
@@ -222,28 +277,73 @@ def resume_step(cfg: TrainConfig, model, optimizer, scheduler) -> int:
     model_state = model.module.sharded_state_dict()
     request = {"model": model_state,
                "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)}
+    # RNG states are per rank: they continue only on as many ranks as wrote them
+    same_ranks = dist_checkpointing.load_common_state_dict(str(ckpt)).get("rng_world_size") == dist.get_world_size()
+    if same_ranks:
+        request["rng"] = _rng_object(None)
     state = dist_checkpointing.load(request, str(ckpt))
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if same_ranks:
+        set_rng_state(state["rng"])
     if dist.get_rank() == 0:
-        print(f"resumed from {ckpt} (step {state['step']})", flush=True)
+        world = dist.get_world_size()
+        rng = "" if same_ranks else f"; RNG states not restored (the checkpoint has none for {world} ranks)"
+        print(f"resumed from {ckpt} (step {state['step']}){rng}", flush=True)
     return int(state["step"])
 
 
+def rng_state() -> dict:
+    """Every random generator a step may draw from, on this rank."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "megatron_tracker": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+def _rng_object(state: Optional[dict]) -> ShardedObject:
+    """One object per global rank (each rank's generators differ: data-parallel seeds, draws)."""
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+class StepHook(Protocol):
+    """Work run inside training every `every` steps (and after the last one) on every rank,
+    e.g. train-time evaluation; its metrics join the step's record in metrics.jsonl."""
+
+    every: int
+
+    def __call__(self, step: int, model) -> Dict[str, float]:
+        """Metrics of `model` (the DDP-wrapped megatron model, in eval mode) at `step`."""
+
+
 def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
-          valid_batches: Optional[Callable[[int], Iterator[torch.Tensor]]] = None):
+          valid_batches: Optional[Callable[[int], Iterator[torch.Tensor]]] = None,
+          hooks: Sequence[StepHook] = ()):
     """Run cfg.steps optimizer steps; `batches(step)` yields this data-parallel rank's
     micro-batches [micro_batch_size, seq_length + 1] for that step, `valid_batches(i)` those of
-    validation batch i. Returns (the global-batch loss of every step, known on every rank; the
-    trained DDP-wrapped model)."""
+    validation batch i; `hooks` run every hook.every steps. Returns (the global-batch loss of
+    every step, known on every rank; the trained DDP-wrapped model)."""
     model, optimizer, scheduler, meta = build(cfg)
     n_micro = num_microbatches(cfg)
     forward_backward = get_forward_backward_func()
     out_dir = Path(cfg.out_dir)
+    tensorboard = None
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
     losses = []
     first_step = resume_step(cfg, model, optimizer, scheduler) + 1
     guard = LossGuard(cfg.spike_factor, cfg.max_skipped_steps)
@@ -280,9 +380,22 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
             if dist.get_rank() == 0:
                 record["valid_loss"] = valid_loss
                 print(f"step {step}/{cfg.steps} validation loss {valid_loss:.4f}", flush=True)
+        for hook in hooks:
+            if hook.every and (step % hook.every == 0 or step == cfg.steps):
+                model.eval()
+                with torch.no_grad():
+                    metrics = hook(step, model)
+                model.train()
+                if dist.get_rank() == 0:
+                    record.update(metrics)
         if dist.get_rank() == 0:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if tensorboard is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):  # bools as 0/1; None (skipped) left out
+                        tensorboard.add_scalar(key, value, step)
+                tensorboard.flush()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
                 print(f"step {step}/{cfg.steps} loss {loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s "
@@ -292,6 +405,8 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
             save_checkpoint(cfg, step, model, optimizer, scheduler, meta)
         if stopping:
             break
+    if tensorboard is not None:
+        tensorboard.close()
     return losses, model
 
 
@@ -330,11 +445,12 @@ def peak_memory_gib() -> float:
 
 
 def _mean_loss(reduced) -> float:
-    """The step's loss over the global batch: micro-batch means on the last pipeline stage,
-    averaged over data-parallel ranks and shared with every rank."""
-    value = torch.tensor([0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    """The step's loss over the global batch: the sum of the counted tokens' losses over the
+    count, both summed over the micro-batches of the last pipeline stage and the data-parallel
+    ranks, shared with every rank."""
+    value = torch.zeros(2, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
     if parallel_state.is_pipeline_last_stage() and reduced:
-        value[0] = float(sum(float(r["lm loss"]) for r in reduced) / len(reduced))
+        value += sum(r["lm loss"].double().cpu() for r in reduced).to(value.device)
     dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
     dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(value) / parallel_state.get_data_parallel_world_size()
+    return float(value[0] / value[1])

@@ -1,5 +1,6 @@
 """launch/pretrain.sh under a simulated SLURM allocation (SLURM_* set, srun and scontrol shimmed):
-torchrun per node, and one srun task per rank with the ranks taken from SLURM."""
+torchrun per node, and one srun task per rank with the ranks taken from SLURM; dry_run=true plans
+in the script's own process and launches nothing."""
 import json
 import os
 import subprocess
@@ -64,3 +65,21 @@ def test_pretrain_sh_under_slurm(env, tmp_path, launcher, extra):
     assert json.loads((out / "train_config.json").read_text())["global_batch_size"] == 2
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
     assert "step 2/2 loss" in log.read_text()
+
+
+def test_dry_run_launches_nothing(env, tmp_path):
+    d, slurm = env
+    (tmp_path / "bin").mkdir()
+    for name in ("srun", "torchrun"):  # any launch fails loudly
+        (tmp_path / "bin" / name).write_text("#!/usr/bin/env bash\necho launched >&2; exit 99\n")
+        (tmp_path / "bin" / name).chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "pretrain.sh"), "model=llama3_8b", f"out_dir={tmp_path / 'run'}",
+         "dry_run=true", "train.dtype=bfloat16", "cluster.nodes=2"],
+        env=dict(slurm, PATH=f"{tmp_path / 'bin'}:{slurm['PATH']}", LOG_DIR=str(tmp_path / "logs")),
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "launched" not in proc.stderr
+    # 2 nodes x 8 GPUs: Llama-3-8B (frozen body) data-parallel over all 16
+    assert "parallel plan: tp=1 pp=1 dp=16" in proc.stdout and "dry run: nothing launched" in proc.stdout
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "run").exists()

@@ -1,6 +1,7 @@
 """`lep-megatron pretrain` end to end on real data: the Russian demo corpus tokenized by the data
 stage with a real tokenizer, a tiny model whose vocabulary is that tokenizer's; the loss falls and
-the metrics are written. Data built with another tokenizer is refused."""
+the metrics are written (JSON lines and the same scalars as TensorBoard events). Data built with
+another tokenizer is refused."""
 import json
 import subprocess
 import sys
@@ -48,6 +49,15 @@ def test_loss_falls_on_the_demo_corpus(setup, tmp_path):
     # validation on the held-out documents at steps 4 and 8, falling too
     valid = {r["step"]: r["valid_loss"] for r in records if "valid_loss" in r}
     assert sorted(valid) == [4, 8] and valid[8] < valid[4], valid
+    # TensorBoard holds the same scalars, read back with tensorboard's own reader (float32 values)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib", "valid_loss"):
+        logged = {r["step"]: r[key] for r in records if key in r}
+        assert {e.step: e.value for e in events.Scalars(key)} == pytest.approx(logged, rel=1e-6), key
+    assert set(events.Tags()["scalars"]) == {k for r in records for k, v in r.items() if k != "step" and v is not None}
 
 
 def test_data_built_with_another_tokenizer_is_refused(setup, tmp_path, corpus_dir):

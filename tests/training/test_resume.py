@@ -1,6 +1,7 @@
 """Stop at step 3, resume: the losses of steps 4-6 equal an uninterrupted run's, bit for bit, with
-megatron's distributed optimizer on 2 data-parallel ranks (gloo). Needs the optimizer load-path
-fixes of lep_megatron.compat.optimizer_resume; a half-written save is ignored."""
+megatron's distributed optimizer on 2 data-parallel ranks (gloo), and each rank's random
+generators continue where the uninterrupted run's are. Needs the optimizer load-path fixes of
+lep_megatron.compat.optimizer_resume; a half-written save is ignored."""
 import json
 from pathlib import Path
 
@@ -20,6 +21,9 @@ def test_resume_is_exact(tmp_path):
     result = json.loads((tmp_path / "runs" / "result.json").read_text())
     assert len(result["straight"]) == 6 and len(result["first"]) == 3 and len(result["rest"]) == 3
     assert result["first"] + result["rest"] == result["straight"]
+    # python, numpy and torch draws after the run, per rank; the ranks' generators differ
+    assert result["resumed_rng"] == result["straight_rng"]
+    assert result["straight_rng"][0] != result["straight_rng"][1]
     checkpoints = tmp_path / "runs" / "resumed" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_0000006"
     assert (checkpoints / "step_0000003" / "lep_model.json").is_file()
