@@ -15,17 +15,19 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-mcore19 venv cuda-compile bench clean
 
-$(VENV)/.installed: setup.py requirements.txt $(wildcard csrc/*.cpp csrc/cuda/*.cu)
+$(VENV)/.installed: setup.py requirements.txt requirements-test.txt $(wildcard csrc/*.cpp csrc/cuda/*.cu)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH)
 	$(VENV)/bin/pip install -q -r requirements.txt $(MCORE)
+	$(VENV)/bin/pip install -q -r requirements-test.txt
 	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-$(VENV_NEW)/.installed: setup.py requirements.txt
+$(VENV_NEW)/.installed: setup.py requirements.txt requirements-test.txt
 	test -x $(VENV_NEW)/bin/python || $(PYTHON) -m venv $(VENV_NEW)
 	$(VENV_NEW)/bin/pip install -q $(TORCH)
 	$(VENV_NEW)/bin/pip install -q -r requirements.txt
+	$(VENV_NEW)/bin/pip install -q -r requirements-test.txt
 	$(VENV_NEW)/bin/pip install -q $(MCORE_NEW_DEPS)
 	$(VENV_NEW)/bin/pip install -q --no-deps --ignore-requires-python $(MCORE_NEW)
 	LEP_MEGATRON_NO_EXT=1 $(VENV_NEW)/bin/pip install -q --no-build-isolation --no-deps -e .

@@ -44,7 +44,7 @@ setup(
     version="0.1.0",
     description="Learned Embedding Propagation: adapt LLM vocabularies on megatron-core at cluster scale",
     python_requires=">=3.10",
-    packages=find_packages(include=["lep_megatron", "lep_megatron.*"]) + ["lep_megatron.conf"],
+    packages=find_packages(include=["lep_megatron", "lep_megatron.*"]) + ["lep_megatron.conf", "lep_megatron.conf.pretrain_groups"],
     # conf/ is the hydra config tree; installed as the package lep_megatron.conf so that
     # hydra finds it as `pkg://lep_megatron.conf` in editable and regular installs alike.
     package_dir={"lep_megatron.conf": "conf"},

@@ -1,7 +1,7 @@
 """Tokenizer training throughput and peak memory: SP-BPE, SP-Unigram, HF-BPE at 32k vocab.
 
 Each run is a fresh process (peak RSS = ru_maxrss of that child) on the Russian demo corpus
-(data/corpus/train.txt, built with `python -m lep_megatron.data.russian_corpus`).
+(data/corpus/train.txt, built with `python -m lep_megatron.data.debian_corpus`).
 
     flock /tmp/lep-bench.lock .venv/bin/python benchmarks/tokenizer_train.py
 """

@@ -17,6 +17,8 @@ STAGES = {
     "tokenizer": "lep_megatron.tokenizer.app",
     "eval": "lep_megatron.evaluation.app",
     "data": "lep_megatron.data.app",
+    "sft-data": "lep_megatron.data.sft_app",
+    "pipeline": "lep_megatron.pipeline.app",
 }
 
 # hydra writes outputs and log files into the working directory by default; stages write

@@ -2,11 +2,11 @@
 
 hf-to-mcore: one process writes a checkpoint that loads at any TP/PP (dist_checkpointing stores
 global tensors and reshards on load; only the vocabulary padding depends on the target TP, so it
-is padded for parallel.tp). Under torchrun, each rank builds its own TP/PP shard and reads only
-the HF tensors it needs.
+is padded for parallel.tp). Under torchrun, each rank writes its own TP/PP shard. Either way the
+model is never built: the checkpoint is written block by block from the HF files (streaming.py).
 mcore-to-hf: one process reads the checkpoint tensor by tensor as whole tensors, whatever TP/PP
-wrote it, strips the vocabulary padding and writes size-bounded safetensors shards + config,
-tokenizer and generation config.
+wrote it, strips the vocabulary padding and writes size-bounded safetensors shards (each tensor
+as soon as it is read) + config, tokenizer and generation config.
 """
 import json
 import logging
@@ -14,16 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import megatron.core
-import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from lep_megatron.checkpoint.hf_io import (SafetensorsReader, ShardedSafetensorsWriter,
                                            copy_side_files)
-from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta, CheckpointTensors, save_model
+from lep_megatron.checkpoint.lora_export import ADAPTER_SUBDIR, LoRATensors, MergedLoRA, write_peft_adapter
+from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta, CheckpointTensors
+from lep_megatron.checkpoint.streaming import save_from_hf
 from lep_megatron.common.io import UserInputError, atomic_dir, check_out_dir, progress
-from lep_megatron.models import (HFModelShape, StateDictAdapter, build_stage_model,
-                                 padded_vocab_size, stage_layer_offset, tp_shard)
+from lep_megatron.models import HFModelShape, StateDictAdapter, padded_vocab_size
 from lep_megatron.models.gpt import check_parallel_fits
 from lep_megatron.models.hf_config import dtype_name, parse_dtype, read_config
 from lep_megatron.parallel import init_distributed
@@ -53,12 +52,17 @@ class ConvertConfig:
     """Largest safetensors shard written by mcore-to-hf."""
     overwrite: bool = False
     """Replace a non-empty out_dir."""
+    lora: str = "merge"
+    """mcore-to-hf of a checkpoint with LoRA adapters: merge (W + (alpha / r) B A into the
+    weights) or peft (the weights unmerged, the adapter in out_dir/adapter for peft)."""
 
     def __post_init__(self):
         if self.action not in ("hf-to-mcore", "mcore-to-hf"):
             raise UserInputError(f"action={self.action!r}: use hf-to-mcore or mcore-to-hf")
         if self.dtype is not None:
             parse_dtype(self.dtype)
+        if self.lora not in ("merge", "peft"):
+            raise UserInputError(f"lora={self.lora!r}: use merge or peft")
         if self.make_vocab_size_divisible_by < 1:
             raise UserInputError("parallel.make_vocab_size_divisible_by must be >= 1")
 
@@ -89,31 +93,36 @@ def hf_to_mcore(cfg: ConvertConfig) -> Path:
         )
     dtype = parse_dtype(cfg.dtype or shape.torch_dtype)
     reader = SafetensorsReader(in_dir)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    # one process builds the whole model; torchrun ranks build their own shards
-    tp, pp = (cfg.tp, cfg.pp) if world > 1 else (1, 1)
-    init_distributed(tp, pp)
     padded = padded_vocab_size(shape.vocab_size, cfg.make_vocab_size_divisible_by, cfg.tp)
-    model = build_stage_model(shape, padded, dtype, perform_initialization=False)
-    adapter = StateDictAdapter(shape, padded)
-    offset = stage_layer_offset(shape)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    params = [(k, v) for k, v in model.state_dict().items() if not k.endswith("_extra_state")]
-    with torch.no_grad():
-        for name, param in progress(params, len(params), "hf-to-mcore tensors"):
-            full = adapter.to_megatron(name, offset, reader.get)
-            local = tp_shard(name, full, tp_rank, tp)
-            if local.shape != param.shape:
-                raise UserInputError(f"{in_dir}: tensor for {name} has shape {tuple(local.shape)}, "
-                                     f"expected {tuple(param.shape)}: config and weights disagree")
-            param.copy_(local.to(dtype))
+    check_hf_shapes(reader, StateDictAdapter(shape, padded), in_dir)
+    init_distributed(1, 1)  # one process writes the global tensors (loadable at any TP/PP) ...
+    world = dist.get_world_size()
+    if world > 1:  # ... ranks of torchrun / srun each write their own TP/PP shard
+        if world % (cfg.tp * cfg.pp):
+            raise UserInputError(f"{world} ranks are not a multiple of parallel.tp x parallel.pp = "
+                                 f"{cfg.tp * cfg.pp}; launch a multiple of that many, or one process")
+        init_distributed(cfg.tp, cfg.pp)
     hf_config = dict(read_config(in_dir), torch_dtype=dtype_name(dtype))
     meta = CheckpointMeta(hf_config=hf_config, vocab_size=shape.vocab_size, padded_vocab_size=padded,
                           make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
                           dtype=dtype_name(dtype), megatron_core_version=megatron.core.__version__)
-    save_model(model, out_dir, meta, hf_side_dir=in_dir, overwrite=cfg.overwrite)
+    save_from_hf(reader, shape, padded, dtype, out_dir, meta, hf_side_dir=in_dir, overwrite=cfg.overwrite)
     log.info("wrote %s (vocab %d padded to %d for tp=%d)", out_dir, shape.vocab_size, padded, cfg.tp)
     return out_dir
+
+
+def check_hf_shapes(reader: SafetensorsReader, adapter: StateDictAdapter, in_dir: Path) -> None:
+    """Every tensor the config implies is there with its shape, before anything is written."""
+    s = adapter.shape
+    for name, want in adapter.hf_shapes().items():
+        got = reader.shape(name)
+        if got != want:
+            raise UserInputError(
+                f"{in_dir}: {name} has shape {got} but config.json implies {want} (vocab_size={s.vocab_size}, "
+                f"hidden_size={s.hidden_size}, intermediate_size={s.intermediate_size}, num_attention_heads="
+                f"{s.num_attention_heads}, num_key_value_heads={s.num_key_value_heads}, head_dim={s.head_dim}): "
+                "config and weights disagree"
+            )
 
 
 def mcore_to_hf(cfg: ConvertConfig) -> Path:
@@ -123,15 +132,21 @@ def mcore_to_hf(cfg: ConvertConfig) -> Path:
     dtype = parse_dtype(cfg.dtype or meta.dtype)
     check_out_dir(out_dir, cfg.overwrite)
     init_distributed(1, 1)
-    # tensor by tensor: peak memory is the shard being written plus one tensor
+    # tensor by tensor: peak memory is one tensor (read) and one row block (converted, written)
     state = CheckpointTensors(in_dir)
     adapter = StateDictAdapter(shape, meta.padded_vocab_size)
+    adapters = LoRATensors(state, meta.lora, shape.num_layers) if meta.lora else None
     with atomic_dir(out_dir, cfg.overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, int(cfg.max_shard_size_gb * 2**30))
         n = shape.num_layers * 9 + 3
-        for name, tensor in progress(adapter.to_hf(state), n, "mcore-to-hf tensors"):
-            writer.add(name, tensor.to(dtype).clone())
+        weights = MergedLoRA(state, adapters) if adapters and cfg.lora == "merge" else state
+        # the layout first (shapes only), so each tensor is written as soon as it is read
+        writer.expect((name, t.shape, dtype) for name, t in adapter.to_hf(CheckpointTensors(in_dir, shapes_only=True)))
+        for name, tensor in progress(adapter.to_hf(weights), n, "mcore-to-hf tensors"):
+            writer.add(name, tensor)
         writer.close()
+        if adapters and cfg.lora == "peft":
+            write_peft_adapter(adapters, adapter, dtype, tmp / ADAPTER_SUBDIR, base_model=str(out_dir.absolute()))
         copy_side_files(in_dir / HF_SUBDIR, tmp)
         hf_config = dict(meta.hf_config, torch_dtype=dtype_name(dtype))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))

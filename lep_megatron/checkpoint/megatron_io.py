@@ -5,13 +5,15 @@ Layout of a checkpoint directory:
     <dir>/lep_model.json   CheckpointMeta: HF config, true and padded vocabulary, dtype
     <dir>/hf/              config.json, generation config and tokenizer files for HF export
 """
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,9 @@ class CheckpointMeta:
     """Parameter dtype of the stored tensors."""
     megatron_core_version: str
     """megatron-core that wrote the checkpoint."""
+    lora: Optional[dict] = None
+    """LoRA adapters in the checkpoint (lep_megatron.models.lora.LoRAConfig as a dict: rank,
+    alpha, layers, ...); None: none. Export merges them (or writes them as a peft adapter)."""
 
     @property
     def shape(self) -> HFModelShape:
@@ -74,6 +79,16 @@ class CheckpointMeta:
         return cls(**json.loads(path.read_text()))
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir itself, or a `lep-megatron pretrain` run dir -> the checkpoint its
+    checkpoints/latest pointer names (what a later stage of a pipeline reads)."""
+    path = Path(path)
+    pointer = path / "checkpoints" / "latest"
+    if not (path / META_NAME).is_file() and pointer.is_file():
+        return pointer.parent / pointer.read_text().strip()
+    return path
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -82,11 +97,19 @@ def save_model(model, out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = N
                overwrite: bool = False, extra_state=None) -> None:
     """Collectively save `model` (this rank's stage/shard) to `out_dir`, atomically;
     `extra_state(model_sharded_state_dict) -> dict` (e.g. a trainer's optimizer and scheduler)
-    is saved beside the model's tensors.
+    is saved beside the model's tensors."""
+    with partial_checkpoint_dir(out_dir, meta, hf_side_dir, overwrite) as partial:
+        model_state = model.sharded_state_dict()
+        extra = extra_state(model_state) if extra_state else {}
+        dist_checkpointing.save({"model": model_state, **extra}, str(partial))
 
-    All ranks write into `<out_dir>.partial`; rank 0 renames it to `out_dir` once every rank is
-    done, so a save killed half-way leaves only a `.partial` directory behind.
-    """
+
+@contextlib.contextmanager
+def partial_checkpoint_dir(out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = None,
+                           overwrite: bool = False) -> Iterator[Path]:
+    """Collectively: yields `<out_dir>.partial` for every rank to write the dist checkpoint into;
+    then rank 0 adds lep_model.json and hf/ and renames it to `out_dir` once every rank is done,
+    so a save killed half-way leaves only a `.partial` directory behind."""
     from lep_megatron.checkpoint.hf_io import copy_side_files
 
     out_dir = Path(out_dir).absolute()
@@ -96,9 +119,7 @@ def save_model(model, out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = N
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    model_state = model.sharded_state_dict()
-    extra = extra_state(model_state) if extra_state else {}
-    dist_checkpointing.save({"model": model_state, **extra}, str(partial))
+    yield partial
     if _rank() == 0:
         meta.write(partial)
         (partial / HF_SUBDIR).mkdir()
@@ -150,11 +171,13 @@ class CheckpointTensors(Mapping):
     Names are GPTModel.state_dict() names at TP1/PP1 (`decoder.layers.3.mlp.linear_fc1.weight`);
     whatever TP/PP wrote the checkpoint, a tensor comes back whole. Layers may be stored stacked
     under one key with a leading layer axis (megatron-core 0.16) or under one key per layer;
-    either way only the requested layer is read.
+    either way only the requested layer is read. With `shapes_only`, items are meta tensors of
+    the stored shape and dtype: the layout, with nothing read.
     """
 
-    def __init__(self, ckpt_dir: Path):
+    def __init__(self, ckpt_dir: Path, shapes_only: bool = False):
         self.ckpt_dir = str(ckpt_dir)
+        self.shapes_only = shapes_only
         self.num_layers = CheckpointMeta.read(ckpt_dir).shape.num_layers
         self.stored = {k: v for k, v in dist_checkpointing.load_tensors_metadata(self.ckpt_dir).items()
                        if isinstance(v, ShardedTensor)}
@@ -176,12 +199,17 @@ class CheckpointTensors(Mapping):
         where = self._locate(name)
         if where is None:
             raise KeyError(f"{name} is not in checkpoint {self.ckpt_dir}")
-        key, layer = where
+        return self.read(*where)
+
+    def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """Stored tensor `key` whole, or its slice `layer` along a leading stacking axis."""
         shape, dtype = tuple(self.stored[key].global_shape), self.stored[key].dtype
         if layer is None:
             offsets = (0,) * len(shape)
         else:
             offsets, shape = (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:]
+        if self.shapes_only:
+            return torch.empty(shape if layer is None else shape[1:], dtype=dtype, device="meta")
         buffer = torch.empty(shape, dtype=dtype)
         dcp.load({key: buffer}, storage_reader=dcp.FileSystemReader(self.ckpt_dir),
                  planner=_BoxLoadPlanner(key, offsets, buffer))

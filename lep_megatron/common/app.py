@@ -19,6 +19,8 @@ def stage_app(stage: str):
                 print(f"lep-megatron {stage}: error: {e}", file=sys.stderr)
                 sys.exit(2)
 
-        return hydra.main(version_base=None, config_path="pkg://lep_megatron.conf", config_name=stage)(guarded)
+        app = hydra.main(version_base=None, config_path="pkg://lep_megatron.conf", config_name=stage)(guarded)
+        app.run = run  # the undecorated stage, for callers that compose the config themselves (pipeline)
+        return app
 
     return decorate

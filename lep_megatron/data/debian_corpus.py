@@ -1,12 +1,13 @@
-"""A Russian demo corpus built from Debian packages (no data hub needed).
+"""Russian (and English) demo corpora built from Debian packages (no data hub needed).
 
 `apt-get download` fetches each package (no root needed), `dpkg-deb -x` unpacks it, and the
-Russian prose is extracted: fortunes (one quote per line) and HTML manuals (one paragraph per
-line). Lines are cleaned, filtered to mostly-Cyrillic prose, deduplicated and split into
+prose is extracted: fortunes (one quote per line), HTML manuals and man pages (one paragraph per
+line). Lines are cleaned, filtered to prose in the language's script, deduplicated and split into
 train / held-out by a hash of the line, so the split does not depend on package order.
 Output (atomic): train.txt, heldout.txt, manifest.json, README.md (sources and licences).
 
-    python -m lep_megatron.data.russian_corpus --out data/corpus
+    python -m lep_megatron.data.debian_corpus --out data/corpus              # Russian
+    python -m lep_megatron.data.debian_corpus --language en --out data/corpus_en
 """
 import argparse
 import gzip
@@ -38,13 +39,20 @@ class CorpusSource:
     """Directory inside the package that holds the Russian text."""
     licence_package: Optional[str] = None
     """Package whose copyright file states the licence, when the package links it elsewhere."""
+    script: str = "cyrillic"
+    """Alphabet the prose is written in (a key of SCRIPTS): lines mostly in another are dropped."""
 
     def __post_init__(self):
         if self.kind not in ("fortune", "html", "man"):
             raise ValueError(f"CorpusSource.kind must be fortune, html or man, got {self.kind!r}")
+        if self.script not in SCRIPTS:
+            raise ValueError(f"CorpusSource.script must be one of {sorted(SCRIPTS)}, got {self.script!r}")
 
 
-SOURCES = (
+# script -> its letters' code point range
+SCRIPTS = {"cyrillic": ("\u0400", "\u04ff"), "latin": ("A", "z")}
+
+RUSSIAN_SOURCES = (
     CorpusSource("fortunes-ru", "fortune", "usr/share/games/fortunes/ru"),
     CorpusSource("libreoffice-help-ru", "html", "usr/share/libreoffice/help/ru"),
     CorpusSource("gimp-help-ru", "html", "usr/share/gimp/2.0/help/ru", licence_package="gimp-help-common"),
@@ -56,11 +64,15 @@ SOURCES = (
     CorpusSource("maint-guide-ru", "html", "usr/share/doc"),
     CorpusSource("manpages-ru", "man", "usr/share/man/ru"),
 )
+ENGLISH_SOURCES = (
+    CorpusSource("fortunes", "fortune", "usr/share/games/fortunes", script="latin"),
+)
+SOURCES_BY_LANGUAGE = {"ru": RUSSIAN_SOURCES, "en": ENGLISH_SOURCES}
 
 MIN_CHARS = 24
 """Shorter lines are mostly menu labels and headings, not prose."""
-MIN_CYRILLIC_SHARE = 0.6
-"""Share of letters that must be Cyrillic; drops code, paths and English leftovers."""
+MIN_SCRIPT_SHARE = 0.6
+"""Share of letters that must be in the source's script; drops code, paths and other languages."""
 
 _BLOCK_TAGS = {"p", "li", "td", "th", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "title", "caption", "div", "br", "tr", "blockquote"}
 _SKIP_TAGS = {"script", "style", "pre", "code", "kbd", "samp"}
@@ -103,14 +115,15 @@ class _Paragraphs(HTMLParser):
         self._flush()
 
 
-def clean_line(text: str) -> Optional[str]:
-    """One paragraph -> one NFC line with single spaces, or None if it is not Russian prose."""
+def clean_line(text: str, script: str = "cyrillic") -> Optional[str]:
+    """One paragraph -> one NFC line with single spaces, or None if it is not prose in `script`."""
     line = _SPACES.sub(" ", unicodedata.normalize("NFC", text)).strip()
     if len(line) < MIN_CHARS or "\ufffd" in line or len(line.split()) < 4:
         return None
     letters = [c for c in line if c.isalpha()]
-    cyrillic = sum("\u0400" <= c <= "\u04ff" for c in letters)
-    if not letters or cyrillic / len(letters) < MIN_CYRILLIC_SHARE:
+    low, high = SCRIPTS[script]
+    in_script = sum(low <= c <= high for c in letters)
+    if not letters or in_script / len(letters) < MIN_SCRIPT_SHARE:
         return None
     return line
 
@@ -162,7 +175,7 @@ def _man_paragraphs(path: Path) -> Iterator[str]:
 
 
 def extract_lines(source: CorpusSource, unpacked: Path) -> Iterator[str]:
-    """Cleaned Russian lines of an unpacked package, in sorted file order."""
+    """Cleaned prose lines of an unpacked package, in sorted file order."""
     root = unpacked / source.root
     for path in sorted(root.rglob("*")):
         if path.is_symlink() or not path.is_file():
@@ -180,7 +193,7 @@ def extract_lines(source: CorpusSource, unpacked: Path) -> Iterator[str]:
                 continue
             texts = _html_paragraphs(path)
         for text in texts:
-            line = clean_line(text)
+            line = clean_line(text, source.script)
             if line:
                 yield line
 
@@ -225,9 +238,9 @@ def _licence(unpacked: Path, package: str) -> str:
     return match.group(1).strip() if match else f"see /usr/share/doc/{package}/copyright"
 
 
-def build_russian_corpus(
+def build_corpus(
     out_dir: Path,
-    sources: Sequence[CorpusSource] = SOURCES,
+    sources: Sequence[CorpusSource] = RUSSIAN_SOURCES,
     heldout_permille: int = 50,
     max_bytes_per_source: Optional[int] = None,
     overwrite: bool = False,
@@ -274,21 +287,22 @@ def build_russian_corpus(
         for split in ("train", "heldout"):
             manifest[f"{split}_bytes"] = (tmp / f"{split}.txt").stat().st_size
         if manifest["train_bytes"] == 0:
-            raise UserInputError("the corpus came out empty: no source package yielded Russian prose")
+            raise UserInputError("the corpus came out empty: no source package yielded prose in its script")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        (tmp / "README.md").write_text(_readme(manifest))
+        (tmp / "README.md").write_text(_readme(manifest, sources))
     return manifest
 
 
-def _readme(manifest: Dict) -> str:
+def _readme(manifest: Dict, sources: Sequence[CorpusSource]) -> str:
     rows = "\n".join(
         f"| {s['package']} | {s['deb']} | {s['licence']} | {s['lines']} | {s['bytes'] / 1e6:.2f} |"
         for s in manifest["sources"]
     )
     return (
-        "# Russian demo corpus (built from Debian packages)\n\n"
-        "Built by `python -m lep_megatron.data.russian_corpus`. One paragraph (HTML manuals) or one\n"
-        "quote (fortunes) per line, NFC, whitespace collapsed, mostly-Cyrillic lines only, exact\n"
+        "# Demo corpus (built from Debian packages)\n\n"
+        "Built by `python -m lep_megatron.data.debian_corpus`. One paragraph (HTML manuals) or one\n"
+        "quote (fortunes) per line, NFC, whitespace collapsed, lines mostly in the sources' script\n"
+        f"({', '.join(sorted({s.script for s in sources}))}) only, exact\n"
         f"duplicates removed. A line is held out when sha1(line) mod 1000 < {manifest['heldout_permille']}.\n\n"
         f"train.txt: {manifest['train_bytes'] / 1e6:.2f} MB, heldout.txt: {manifest['heldout_bytes'] / 1e6:.2f} MB\n\n"
         "Each text keeps the licence of the package it came from (see the package's\n"
@@ -301,12 +315,14 @@ def _readme(manifest: Dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/corpus"), help="output directory")
+    parser.add_argument("--language", choices=sorted(SOURCES_BY_LANGUAGE), default="ru", help="which packages")
     parser.add_argument("--heldout-permille", type=int, default=50, help="held-out share in 1/1000")
     parser.add_argument("--max-mb-per-source", type=float, default=None, help="cut each package's text")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     cap = None if args.max_mb_per_source is None else int(args.max_mb_per_source * 1e6)
-    manifest = build_russian_corpus(args.out, heldout_permille=args.heldout_permille, max_bytes_per_source=cap, overwrite=args.overwrite)
+    manifest = build_corpus(args.out, SOURCES_BY_LANGUAGE[args.language], heldout_permille=args.heldout_permille,
+                            max_bytes_per_source=cap, overwrite=args.overwrite)
     print(f"{args.out}: train {manifest['train_bytes'] / 1e6:.2f} MB, held-out {manifest['heldout_bytes'] / 1e6:.2f} MB")
 
 

@@ -107,7 +107,7 @@ def build_gpt_datasets(
 ) -> Tuple[GPTDataset, Optional[GPTDataset]]:
     """(train, valid) GPTDatasets (BlendedDatasets for several corpora) of seq_length tokens.
 
-    valid is None when the data has no valid split. cache_dir: megatron's sample-index cache
+    valid is None when the data has no valid split or valid_samples is None. cache_dir: megatron's sample-index cache
     (default: <data_dir>/cache). Call on every rank after torch.distributed is initialized
     (megatron-core 0.16's BlendedDataset asks for the rank); is_built_on_rank says which ranks
     build (the others get None), as in megatron's builder.
@@ -117,7 +117,8 @@ def build_gpt_datasets(
     meta = read_metadata(data_dir)
     tokenizer = HFMegatronTokenizer(tokenizer_dir)
     check_tokenizer(meta, tokenizer, data_dir)
-    valid = _blend(meta, "valid", data_dir)
+    # no validation wanted (valid_samples None): megatron refuses a weighted blend without a size
+    valid = _blend(meta, "valid", data_dir) if valid_samples is not None else None
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

@@ -11,7 +11,7 @@ understood too.
 """
 import re
 from collections.abc import Mapping
-from typing import Callable, Iterator, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,15 @@ _ROW_PARALLEL = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 _VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
+class RowSegment(NamedTuple):
+    """`rows` consecutive rows of a megatron tensor: HF tensor `hf_name` from row `start`, or
+    zero (vocabulary padding) when hf_name is None."""
+
+    hf_name: Optional[str]
+    start: int
+    rows: int
+
+
 class StateDictAdapter:
     """Maps tensors of one HF checkpoint to a megatron GPTModel's state dict and back."""
 
@@ -42,58 +51,64 @@ class StateDictAdapter:
         self.shape = shape
         self.padded_vocab = padded_vocab
 
-    # ---- HF -> megatron (full, TP1 layout) ----------------------------------------------------
-    def to_megatron(self, name: str, layer_offset: int, hf: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        """The full (unsharded) tensor for megatron parameter `name` of a stage whose first layer
-        is global layer `layer_offset`; `hf(name)` returns an HF tensor."""
+    # ---- HF -> megatron ------------------------------------------------------------------------
+    def hf_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Every tensor the HF checkpoint must hold, with the shape config.json implies."""
         s = self.shape
-        if name == "embedding.word_embeddings.weight":
-            return self._pad(hf("model.embed_tokens.weight"), "model.embed_tokens.weight")
-        if name == "output_layer.weight":
-            src = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
-            return self._pad(hf(src), src)
+        h, q_rows, kv_rows = s.hidden_size, s.num_attention_heads * s.head_dim, s.query_groups * s.head_dim
+        shapes = {"model.embed_tokens.weight": (s.vocab_size, h), "model.norm.weight": (h,)}
+        if not s.tie_word_embeddings:
+            shapes["lm_head.weight"] = (s.vocab_size, h)
+        for i in range(s.num_layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q_rows, h), p + "self_attn.k_proj.weight": (kv_rows, h),
+                p + "self_attn.v_proj.weight": (kv_rows, h), p + "self_attn.o_proj.weight": (h, q_rows),
+                p + "mlp.gate_proj.weight": (s.intermediate_size, h),
+                p + "mlp.up_proj.weight": (s.intermediate_size, h),
+                p + "mlp.down_proj.weight": (h, s.intermediate_size),
+            })
+            if s.qkv_bias:
+                shapes.update({p + "self_attn.q_proj.bias": (q_rows,), p + "self_attn.k_proj.bias": (kv_rows,),
+                               p + "self_attn.v_proj.bias": (kv_rows,)})
+        return shapes
+
+    def megatron_rows(self, name: str) -> List[RowSegment]:
+        """The rows of the full (unsharded) megatron tensor `name` (global layer index), in order,
+        as segments of HF tensors: enough to read any row range of it without building the rest."""
+        s = self.shape
+        if name in _VOCAB:
+            src = ("model.embed_tokens.weight" if name == "embedding.word_embeddings.weight"
+                   or s.tie_word_embeddings else "lm_head.weight")
+            return [RowSegment(src, 0, s.vocab_size), RowSegment(None, 0, self.padded_vocab - s.vocab_size)]
         if name == "decoder.final_layernorm.weight":
-            return hf("model.norm.weight")
+            return [RowSegment("model.norm.weight", 0, s.hidden_size)]
         m = _LAYER.match(name)
-        if not m:
-            raise UserInputError(f"no HF source for megatron tensor {name!r}")
-        layer, local = int(m.group(1)) + layer_offset, m.group(2)
-        p = f"model.layers.{layer}."
-        if local in _DIRECT:
-            return hf(p + _DIRECT[local])
+        local = m.group(2) if m else None
+        p = f"model.layers.{m.group(1)}." if m else ""
+        if local in _DIRECT:  # norms, o_proj and down_proj: hidden_size rows each
+            return [RowSegment(p + _DIRECT[local], 0, s.hidden_size)]
         if local in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-            kind = local.rsplit(".", 1)[1]
-            q, k, v = (hf(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv")
-            return self.fuse_qkv(q, k, v, layer)
+            kind, hd = local.rsplit(".", 1)[1], s.head_dim
+            per_group = s.num_attention_heads // s.query_groups * hd
+            return [seg for g in range(s.query_groups) for seg in (
+                RowSegment(f"{p}self_attn.q_proj.{kind}", g * per_group, per_group),
+                RowSegment(f"{p}self_attn.k_proj.{kind}", g * hd, hd),
+                RowSegment(f"{p}self_attn.v_proj.{kind}", g * hd, hd))]
         if local == "mlp.linear_fc1.weight":
-            return torch.cat([hf(p + "mlp.gate_proj.weight"), hf(p + "mlp.up_proj.weight")], dim=0)
+            return [RowSegment(p + "mlp.gate_proj.weight", 0, s.intermediate_size),
+                    RowSegment(p + "mlp.up_proj.weight", 0, s.intermediate_size)]
         raise UserInputError(f"no HF source for megatron tensor {name!r}")
 
-    def fuse_qkv(self, q, k, v, layer: int) -> torch.Tensor:
+    def split_qkv(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v rows of a fused linear_qkv weight or bias (full, TP1 layout)."""
         s = self.shape
         g, hd = s.query_groups, s.head_dim
         per_group = s.num_attention_heads // g * hd
-        expect = (s.num_attention_heads * hd, g * hd, g * hd)
-        got = (q.shape[0], k.shape[0], v.shape[0])
-        if got != expect:
-            raise UserInputError(
-                f"layer {layer}: q/k/v projections have {got} rows but config.json implies {expect} "
-                "(num_attention_heads, num_key_value_heads, head_dim): config and weights disagree"
-            )
-        tail = q.shape[1:]
-        return torch.cat([q.reshape(g, per_group, *tail), k.reshape(g, hd, *tail),
-                          v.reshape(g, hd, *tail)], dim=1).reshape(-1, *tail)
-
-    def _pad(self, table: torch.Tensor, src: str) -> torch.Tensor:
-        s = self.shape
-        if tuple(table.shape) != (s.vocab_size, s.hidden_size):
-            raise UserInputError(
-                f"{src} has shape {tuple(table.shape)} but config.json says vocab_size={s.vocab_size}, "
-                f"hidden_size={s.hidden_size}: config and weights disagree"
-            )
-        out = table.new_zeros(self.padded_vocab, s.hidden_size)
-        out[: s.vocab_size] = table
-        return out
+        tail = qkv.shape[1:]
+        q, k, v = qkv.reshape(g, per_group + 2 * hd, *tail).split([per_group, hd, hd], dim=1)
+        return tuple(t.reshape(-1, *tail) for t in (q, k, v))
 
     # ---- megatron (full, TP1 layout) -> HF ----------------------------------------------------
     def to_hf(self, mc: Mapping) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -101,19 +116,15 @@ class StateDictAdapter:
         `mc` is read one name at a time, in order, so it may load lazily."""
         s = self.shape
         yield "model.embed_tokens.weight", mc["embedding.word_embeddings.weight"][: s.vocab_size]
-        g, hd = s.query_groups, s.head_dim
-        per_group = s.num_attention_heads // g * hd
         for i in range(s.num_layers):
             p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
             yield p + "input_layernorm.weight", _first(mc, m + "input_layernorm.weight",
                                                        m + "self_attention.linear_qkv.layer_norm_weight")
             kinds = ("weight", "bias") if s.qkv_bias else ("weight",)
             for kind in kinds:
-                qkv = mc[f"{m}self_attention.linear_qkv.{kind}"]
-                tail = qkv.shape[1:]
-                q, k, v = qkv.reshape(g, per_group + 2 * hd, *tail).split([per_group, hd, hd], dim=1)
+                q, k, v = self.split_qkv(mc[f"{m}self_attention.linear_qkv.{kind}"])
                 for x, t in zip("qkv", (q, k, v)):
-                    yield f"{p}self_attn.{x}_proj.{kind}", t.reshape(-1, *tail)
+                    yield f"{p}self_attn.{x}_proj.{kind}", t
             yield p + "self_attn.o_proj.weight", mc[m + "self_attention.linear_proj.weight"]
             yield p + "post_attention_layernorm.weight", _first(mc, m + "pre_mlp_layernorm.weight",
                                                                 m + "mlp.linear_fc1.layer_norm_weight")

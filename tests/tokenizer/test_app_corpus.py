@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from lep_megatron.data.russian_corpus import clean_line, is_heldout
+from lep_megatron.data.debian_corpus import clean_line, is_heldout
 
 
 def test_cli_report_and_error(corpus_dir, originals_cache, tmp_path):
@@ -23,6 +23,8 @@ def test_corpus_rules_and_split(corpus_dir):
     assert clean_line("  Это   строка\tна русском языке, достаточно длинная ") == "Это строка на русском языке, достаточно длинная"
     assert clean_line("This line is English prose only, not Russian") is None
     assert clean_line("коротко") is None
+    assert clean_line("This line is English prose only, not Russian", "latin") == "This line is English prose only, not Russian"
+    assert clean_line("Это строка на русском языке, достаточно длинная", "latin") is None
     train = (corpus_dir / "train.txt").read_text(encoding="utf-8").splitlines()
     heldout = (corpus_dir / "heldout.txt").read_text(encoding="utf-8").splitlines()
     assert not set(train) & set(heldout) and len(set(train)) == len(train)

@@ -1,0 +1,1 @@
+"""`lep-megatron pipeline`: every LEP stage from one config, in one run directory."""
