@@ -15,12 +15,16 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-mcore19 venv cuda-compile bench clean
 
-$(VENV)/.installed: setup.py requirements.txt requirements-test.txt $(wildcard csrc/*.cpp csrc/cuda/*.cu)
+$(VENV)/.installed: setup.py requirements.txt $(wildcard csrc/*.cpp csrc/cuda/*.cu)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH)
 	$(VENV)/bin/pip install -q -r requirements.txt $(MCORE)
-	$(VENV)/bin/pip install -q -r requirements-test.txt
 	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# test-only packages (lm_eval, peft): `make test` needs them, `make demo` does not
+$(VENV)/.test-installed: requirements-test.txt requirements-lmeval.txt $(VENV)/.installed
+	$(VENV)/bin/pip install -q -r requirements-test.txt -r requirements-lmeval.txt
 	touch $@
 
 $(VENV_NEW)/.installed: setup.py requirements.txt requirements-test.txt
@@ -38,12 +42,12 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/lep-megatron demo
 
-test: $(VENV)/.installed $(VENV_NEW)/.installed
+test: $(VENV)/.test-installed $(VENV_NEW)/.installed
 	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
 	$(MAKE) test-mcore19
 
 test-mcore19: $(VENV_NEW)/.installed
-	$(VENV_NEW)/bin/python -m pytest -q -m megatron tests $(PYTEST_ARGS)
+	$(VENV_NEW)/bin/python -m pytest -q -m "megatron and not primary_only" tests $(PYTEST_ARGS)
 
 cuda-compile: $(VENV)/.installed
 	bash csrc/compile_cuda.sh $(VENV)/bin/python

@@ -20,6 +20,7 @@ CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size
 MiB = 2**20
 
 
+@pytest.mark.primary_only
 def test_peak_memory_is_bounded_by_largest_tensor_not_model(tmp_path):
     model_bytes = write_random_checkpoint(tmp_path / "model", dict(CONFIG, num_hidden_layers=16),
                                           max_shard_bytes=64 * MiB)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.megatron, pytest.mark.slow]
+pytestmark = [pytest.mark.megatron, pytest.mark.slow, pytest.mark.primary_only]
 
 TINY = [
     "model.hidden=32", "model.ffn=64", "model.layers=2", "corpus.max_mb_per_source=0.1",

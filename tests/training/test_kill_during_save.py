@@ -52,6 +52,7 @@ def losses(out: Path) -> dict:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.primary_only
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     make_hf_model(tmp_path / "hf", "llama", vocab_size=131, layers=2)
     run(ConvertConfig("hf-to-mcore", tmp_path / "hf", tmp_path / "mc"))

@@ -92,6 +92,7 @@ def test_dry_run_plans_from_conf_model_without_a_checkpoint(tmp_path):
 
 @pytest.mark.megatron
 @pytest.mark.slow
+@pytest.mark.primary_only
 def test_estimate_agrees_with_measured_cpu_memory(tmp_path):
     out = tmp_path / "rows.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_memory.py"), "--configs", "50m",
