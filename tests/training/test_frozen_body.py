@@ -6,20 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from lep_megatron.checkpoint.convert import ConvertConfig, run
 from lep_megatron.common.launch import torchrun
-from lep_megatron.models.tiny import make_hf_model
 
 pytestmark = pytest.mark.megatron
 WORKER = Path(__file__).with_name("frozen_body_worker.py")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cpt")
-    make_hf_model(d / "hf", "llama", vocab_size=131)
-    run(ConvertConfig("hf-to-mcore", d / "hf", d / "mc", tp=2))
-    return d / "mc"
 
 
 def test_frozen_body_and_layouts(checkpoint, tmp_path):

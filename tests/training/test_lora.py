@@ -16,7 +16,7 @@ from lep_megatron.common.io import UserInputError
 from lep_megatron.common.launch import torchrun
 from lep_megatron.models import HFModelShape, build_stage_model
 from lep_megatron.models.lora import LoRAConfig, add_lora, lora_parameters
-from lep_megatron.models.tiny import make_hf_model, tiny_hf_config
+from lep_megatron.models.tiny import tiny_hf_config
 from lep_megatron.parallel import init_distributed
 from lep_megatron.training.batches import global_batch
 from lep_megatron.training.trainer import TrainConfig
@@ -24,14 +24,6 @@ from lep_megatron.training.trainer import TrainConfig
 pytestmark = pytest.mark.megatron
 WORKER = Path(__file__).with_name("lora_worker.py")
 SEQ = 12  # lora_worker.SEQ
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lora")
-    make_hf_model(d / "hf", "llama", vocab_size=131)
-    run(ConvertConfig("hf-to-mcore", d / "hf", d / "mc", tp=2))
-    return d / "mc"
 
 
 @pytest.fixture(scope="module")
