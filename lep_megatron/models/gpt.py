@@ -110,6 +110,8 @@ def build_gpt_model(shape: HFModelShape, config: TransformerConfig, padded_vocab
         position_embedding_type="rope",
         rotary_base=int(shape.rope_theta),
     )
+    if post_process and padded_vocab > shape.vocab_size:
+        mask_vocab_padding(model.output_layer, shape.vocab_size)
     if shape.rope_scaling:
         # megatron's rope_scaling flag fixes low/high_freq_factor and the original context
         # (Llama-3.1 values); apply the checkpoint's own values with megatron's formula instead
@@ -120,6 +122,24 @@ def build_gpt_model(shape: HFModelShape, config: TransformerConfig, padded_vocab
         # (a model built on the meta device only describes a checkpoint's layout: nothing to move)
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mask_vocab_padding(output_layer: torch.nn.Module, vocab_size: int) -> None:
+    """Put the logits of Megatron's padding rows (ids >= vocab_size) at -inf, out of every softmax.
+
+    Those rows do not exist in the HF model: left at logit 0 they would inflate the training loss
+    and evaluation's probabilities, and take gradient. The output is this TP rank's vocabulary
+    slice [s, b, padded / tp]; masked_fill passes no gradient to the masked columns."""
+    def forward_hook(module, args, output):
+        logits, bias = output
+        local = logits.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * local
+        if first + local <= vocab_size:
+            return output
+        padding = torch.arange(first, first + local, device=logits.device) >= vocab_size
+        return logits.masked_fill(padding, float("-inf")), bias
+
+    output_layer.register_forward_hook(forward_hook)
 
 
 def build_stage_model(shape: HFModelShape, padded_vocab: int, params_dtype: torch.dtype = torch.float32,

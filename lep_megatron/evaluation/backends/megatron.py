@@ -104,20 +104,13 @@ class MegatronBackend(LMBackend):
             out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
             for i, n in enumerate(lengths.tolist()):  # one row at a time bounds float32 memory
                 if n > 1:  # a lone token has nothing to predict it
-                    row = self._mask_vocab_padding(logits[i, :n - 1].float())
+                    row = logits[i, :n - 1].float()  # padding columns are -inf (models.gpt)
                     out[i, 1:n] = -tensor_parallel.vocab_parallel_cross_entropy(row, tokens[i, 1:n])
             return out
 
         width = max(len(ids) for ids in batch)
         out = self._forward(batch, last_stage, (len(batch), width), torch.float32)
         return [out[i, :len(ids)] for i, ids in enumerate(batch)]
-
-    def _mask_vocab_padding(self, local_logits: torch.Tensor) -> torch.Tensor:
-        """This TP rank's vocabulary slice with the padding columns at -inf (out of the softmax)."""
-        local = local_logits.shape[-1]
-        first = parallel_state.get_tensor_model_parallel_rank() * local
-        padding = torch.arange(first, first + local, device=local_logits.device) >= self.vocab_size
-        return local_logits.masked_fill(padding, float("-inf"))
 
     def generate_ids(self, batch: Sequence[List[int]], max_new_tokens: int, eos_ids: Sequence[int],
                      stop_strings: Sequence[str]) -> List[List[int]]:
