@@ -19,6 +19,7 @@
 # torchrun, rendezvous on the first node of the allocation. Preemption / time limit: SLURM sends
 # USR1 600 s before the end, the job requeues itself, and the requeued run continues from
 # out_dir/checkpoints/latest (train.resume=true); set train.save_every so little is lost.
+# LEP_ON_SUCCESS=script: run it once training succeeded (the pipeline records the step with it).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 LAUNCHER=${LAUNCHER:-torchrun}
@@ -38,7 +39,9 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
   [ "${NPROC:-0}" -ge 1 ] || NPROC=1
   "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m lep_megatron pretrain "$@" \
     2>&1 | tee "$LOG_DIR/pretrain.log"
-  exit "${PIPESTATUS[0]}"
+  status=${PIPESTATUS[0]}
+  [ "$status" != 0 ] || [ -z "${LEP_ON_SUCCESS:-}" ] || bash "$LEP_ON_SUCCESS"
+  exit "$status"
 fi
 
 requeue() {
@@ -63,4 +66,5 @@ fi
 # wait in the background so that the USR1 trap runs while training does
 wait $! || status=$?
 tail -n 5 "$LOG_DIR/pretrain.log"
+[ "${status:-0}" != 0 ] || [ -z "${LEP_ON_SUCCESS:-}" ] || bash "$LEP_ON_SUCCESS"
 exit "${status:-0}"

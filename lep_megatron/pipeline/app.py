@@ -8,11 +8,11 @@ from omegaconf import OmegaConf
 from lep_megatron.common.app import stage_app
 from lep_megatron.common.io import UserInputError
 from lep_megatron.pipeline.report import write_report
-from lep_megatron.pipeline.runner import plan, run_pipeline
+from lep_megatron.pipeline.runner import plan, run_pipeline, write_record
 from lep_megatron.pipeline.slurm import submit
 from lep_megatron.pipeline.steps import lep_steps
 
-ACTIONS = ("run", "slurm", "report", "step")
+ACTIONS = ("run", "slurm", "report", "step", "record")
 
 
 def absolute_inputs(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -52,12 +52,18 @@ def run(config: Dict[str, Any], cli_overrides=()) -> None:
                       config["dry_run"])
         print(f"{len(jobs)} jobs" + (" (dry run: nothing submitted)" if config["dry_run"] else ""))
         return
-    if config["action"] == "step":
+    if config["action"] in ("step", "record"):
         names = [s.name for s in steps]
         if config["step"] not in names:
             raise UserInputError(f"step={config['step']!r}: choose one of {names}")
-        run_pipeline([s for s in steps if s.name == config["step"]], run_dir, config, inputs,
-                     force=[config["step"]], check_order=False)
+        step = next(s for s in steps if s.name == config["step"])
+        if config["action"] == "step":
+            run_pipeline([step], run_dir, config, inputs, force=[step.name], check_order=False)
+        else:  # the step ran outside the runner (the SLURM pretrain job): record it as finished
+            if not (run_dir / step.output).exists():
+                raise UserInputError(f"action=record step={step.name}: its output {run_dir / step.output} "
+                                     "does not exist; run the step first")
+            write_record(step, run_dir, "ran as a SLURM job", None)
         return
     run_pipeline(steps, run_dir, config, inputs, force=config["force"], dry_run=config["dry_run"])
     if not config["dry_run"]:

@@ -159,6 +159,20 @@ def write_manifest(run_dir: Path, config: Dict[str, Any], inputs: Dict[str, Path
     os.replace(tmp, manifest_path)
 
 
+def write_record(step: Step, run_dir: Path, reason: str, started: Optional[float]) -> Dict:
+    """state/<step>.json: the step finished (`started`: None when it ran elsewhere, unclocked)."""
+    record = {"name": step.name, "command": step.command(), "hash": step_hash(step), "reason": reason,
+              "started": None if started is None
+              else datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+              "wall_s": None if started is None else round(time.time() - started, 2)}
+    path = run_dir / STATE_DIR / f"{step.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return record
+
+
 def run_pipeline(steps: Sequence[Step], run_dir: Path, config: Dict[str, Any], inputs: Dict[str, Path],
                  force: Iterable[str] = (), dry_run: bool = False, check_order: bool = True) -> List[Dict]:
     """Run what needs running, in order; returns the records of this invocation's steps.
@@ -188,10 +202,7 @@ def run_pipeline(steps: Sequence[Step], run_dir: Path, config: Dict[str, Any], i
             run_step(step, run_dir)
         except UserInputError as err:
             raise UserInputError(f"step {step.name} ({step.command()}): {err}") from err
-        record = {"name": step.name, "command": step.command(), "hash": step_hash(step), "reason": reason,
-                  "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-                  "wall_s": round(time.time() - started, 2)}
-        record_path.write_text(json.dumps(record, indent=2))
+        record = write_record(step, run_dir, reason, started)
         records.append(record)
         write_manifest(run_dir, config, inputs, records)
         print(f"{head}: finished in {record['wall_s']:.1f} s", flush=True)

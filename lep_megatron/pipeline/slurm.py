@@ -36,12 +36,33 @@ def step_job(step: Step, run_dir: Path, slurm: Dict, pipeline_overrides: Sequenc
     """The sbatch command line of one step."""
     args = sbatch_args(step, run_dir, slurm, dependencies)
     if step.stage == "pretrain":
-        return args + [f"--nodes={slurm['pretrain_nodes']}", f"--gpus-per-node={slurm['gpus_per_node']}",
+        # pretrain.sh runs this script once training succeeded: the step's state record, so that a
+        # resubmitted pipeline skips it (a requeued or failed job records nothing)
+        return args + [f"--export=ALL,LEP_ON_SUCCESS={on_success_script(step, run_dir)}",
+                       f"--nodes={slurm['pretrain_nodes']}", f"--gpus-per-node={slurm['gpus_per_node']}",
                        str(PRETRAIN_SH)] + step.overrides
-    inner = [sys.executable, "-m", "lep_megatron", "pipeline", "action=step", f"step={step.name}"]
-    inner += [o for o in pipeline_overrides if not o.lstrip("+").startswith(("action=", "step=", "dry_run="))]
+    inner = pipeline_command("step", step, pipeline_overrides)
     return args + ["--nodes=1", "--ntasks=1", f"--cpus-per-task={slurm['cpus_per_task']}",
                    f"--gpus-per-node={slurm['step_gpus']}", "--wrap", " ".join(shlex.quote(a) for a in inner)]
+
+
+def pipeline_command(action: str, step: Step, pipeline_overrides: Sequence[str]) -> List[str]:
+    """`lep-megatron pipeline action=ACTION step=NAME` with the submission's own overrides."""
+    inner = [sys.executable, "-m", "lep_megatron", "pipeline", f"action={action}", f"step={step.name}"]
+    return inner + [o for o in pipeline_overrides if not o.lstrip("+").startswith(("action=", "step=", "dry_run="))]
+
+
+def on_success_script(step: Step, run_dir: Path) -> Path:
+    return Path(run_dir) / "state" / f"{step.name}.on_success.sh"
+
+
+def write_on_success(step: Step, run_dir: Path, pipeline_overrides: Sequence[str]) -> None:
+    """The script pretrain.sh runs once training succeeded: `pipeline action=record` from the
+    directory the pipeline was submitted from (its paths are relative to it)."""
+    cmd = " ".join(shlex.quote(a) for a in pipeline_command("record", step, pipeline_overrides))
+    path = on_success_script(step, run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/usr/bin/env bash\nset -e\ncd {shlex.quote(str(Path.cwd()))}\n{cmd}\n")
 
 
 def submit(schedule: Sequence[tuple], run_dir: Path, slurm: Dict, pipeline_overrides: Sequence[str],
@@ -61,6 +82,8 @@ def submit(schedule: Sequence[tuple], run_dir: Path, slurm: Dict, pipeline_overr
             print(f"{step.name} ({reason}) after [{', '.join(deps)}]:\n  {' '.join(shlex.quote(a) for a in cmd)}",
                   flush=True)
             continue
+        if step.stage == "pretrain":
+            write_on_success(step, run_dir, pipeline_overrides)
         jobs[step.name] = _sbatch(cmd)
         print(f"{step.name}: job {jobs[step.name]}" + (f" after {':'.join(deps)}" if deps else ""), flush=True)
     if jobs:  # the report once everything else has succeeded

@@ -155,6 +155,10 @@ def build(cfg: TrainConfig):
     meta = CheckpointMeta.read(cfg.checkpoint)
     meta.check_tp(cfg.tp)
     dtype = parse_dtype(cfg.dtype)
+    if dtype != torch.float32 and not cfg.use_distributed_optimizer and not torch.cuda.is_available():
+        raise UserInputError(f"train.dtype={cfg.dtype} with train.use_distributed_optimizer=false needs CUDA "
+                             "(megatron's mixed-precision optimizer wraps only CUDA tensors); on CPU set "
+                             "train.use_distributed_optimizer=true or train.dtype=float32")
     model = build_stage_model(meta.shape, meta.padded_vocab_size, dtype, **RECOMPUTE_SETTINGS[cfg.recompute])
     if meta.lora:
         raise UserInputError(f"checkpoint={cfg.checkpoint} holds LoRA adapters; export it merged "

@@ -52,11 +52,13 @@ def env(tmp_path_factory):
 def test_pretrain_sh_under_slurm(env, tmp_path, launcher, extra):
     d, slurm = env
     out = tmp_path / "run"
+    on_success = tmp_path / "on_success.sh"  # the pipeline's step record, run once training succeeded
+    on_success.write_text(f"touch {tmp_path / 'succeeded'}\n")
     proc = subprocess.run(
         ["bash", str(ROOT / "launch" / "pretrain.sh"), f"checkpoint={d / 'mc'}", f"out_dir={out}",
          "data.kind=synthetic", "train.steps=2", "train.seq_length=16", "train.micro_batch_size=1",
          "train.global_batch_size=2", "train.warmup_steps=1"],
-        env=dict(slurm, LAUNCHER=launcher, LOG_DIR=str(tmp_path / "logs"), **extra),
+        env=dict(slurm, LAUNCHER=launcher, LOG_DIR=str(tmp_path / "logs"), LEP_ON_SUCCESS=str(on_success), **extra),
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     log = (tmp_path / "logs" / "pretrain.log")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + (log.read_text()[-3000:] if log.exists() else "")
@@ -65,6 +67,7 @@ def test_pretrain_sh_under_slurm(env, tmp_path, launcher, extra):
     assert json.loads((out / "train_config.json").read_text())["global_batch_size"] == 2
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
     assert "step 2/2 loss" in log.read_text()
+    assert (tmp_path / "succeeded").exists()
 
 
 def test_dry_run_launches_nothing(env, tmp_path):
@@ -83,3 +86,32 @@ def test_dry_run_launches_nothing(env, tmp_path):
     # 2 nodes x 8 GPUs: Llama-3-8B (frozen body) data-parallel over all 16
     assert "parallel plan: tp=1 pp=1 dp=16" in proc.stdout and "dry run: nothing launched" in proc.stdout
     assert not (tmp_path / "logs").exists() and not (tmp_path / "run").exists()
+
+
+def test_calibrate_sh_passes_finetune_through(tmp_path):
+    """launch/calibrate.sh, run as sbatch runs it (a copy of the script; pretrain.sh found under
+    SLURM_SUBMIT_DIR), hands finetune=calibration (unless a finetune= is given) and the overrides
+    to pretrain.sh: the torchrun launch and the dry run; python is a stand-in recording its argv."""
+    bin_dir, spool = tmp_path / "bin", tmp_path / "spool"
+    bin_dir.mkdir()
+    spool.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("python", '#!/usr/bin/env bash\necho "$*" >> "$ARGV"\n')):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (spool / "slurm_script").write_text((ROOT / "launch" / "calibrate.sh").read_text())
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"), SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_GPUS_ON_NODE="2",
+               SLURM_SUBMIT_DIR=str(ROOT), LOG_DIR=str(tmp_path / "logs"), ARGV=str(tmp_path / "argv"))
+    common = ["checkpoint=ckpt/lep", "out_dir=runs/calib", "data.dir=data/chat"]
+    for extra, pretrain_args in (
+            (["train.lr=1e-4"], ["finetune=calibration", *common, "train.lr=1e-4"]),
+            (["finetune=sft"], [*common, "finetune=sft"]),
+            (["dry_run=true"], ["finetune=calibration", *common, "dry_run=true"])):
+        (tmp_path / "argv").unlink(missing_ok=True)
+        proc = subprocess.run(["bash", str(spool / "slurm_script"), *common, *extra], env=env, capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (argv,) = (tmp_path / "argv").read_text().splitlines()
+        launcher, _, args = (" " + argv).partition(" -m lep_megatron pretrain ")
+        assert args.split() == pretrain_args
+        assert launcher.startswith(" -m torch.distributed.run --nnodes 1 --nproc-per-node 2") if "dry_run=true" not in extra else launcher == ""

@@ -1,5 +1,6 @@
 """launch/pipeline.sh under a simulated SLURM login node: the job graph it prints on a dry run and
-the afterok chain it submits (sbatch shimmed: it records its arguments and answers job ids)."""
+the afterok chain it submits (sbatch shimmed: it records its arguments and answers job ids), and
+the pretrain job's success script that records the step so that a resubmission skips it."""
 import os
 import subprocess
 import sys
@@ -67,3 +68,22 @@ def test_submission_chains_job_ids_with_afterok(login_node):
     assert str(ROOT / "launch" / "pretrain.sh") in calls["pretrain"] and "train.lr=0.0001" in calls["pretrain"]
     assert "action=step step=eval_base" in calls["eval_base"] and "corpus=ru.txt" in calls["eval_base"]
     assert calls["report"].count(":") >= len(EXPECTED_AFTER)  # the report waits for every job
+
+
+def test_pretrain_job_records_its_step_on_success(login_node):
+    tmp_path, env, args = login_node
+    assert subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300).returncode == 0
+    pretrain_call = next(line for line in (tmp_path / "sbatch.log").read_text().splitlines() if "lep-pretrain" in line)
+    script = Path(next(a for a in pretrain_call.split() if a.startswith("--export=")).split("LEP_ON_SUCCESS=", 1)[1])
+    assert "action=record step=pretrain" in script.read_text()
+    # the jobs before pretrain recorded themselves (action=step); then what launch/pretrain.sh does
+    # once training succeeded, with the step's output in place
+    for step, output in [("tokenizer", "tokenizer"), ("init", "init_hf"), ("convert", "init_mcore"),
+                         ("data", "data"), ("pretrain", "pretrain")]:
+        (tmp_path / "run" / output).mkdir()
+        text = script.read_text().replace("step=pretrain", f"step={step}")
+        proc = subprocess.run(["bash", "-c", text], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(args + ["dry_run=true"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "pretrain: done earlier, no job" in proc.stdout
+    assert next(line for line in proc.stdout.splitlines() if line.startswith("export (")).endswith("after []:")
