@@ -18,6 +18,7 @@ STAGES = {
     "eval": "lep_megatron.evaluation.app",
     "data": "lep_megatron.data.app",
     "sft-data": "lep_megatron.data.sft_app",
+    "calibrate-data": "lep_megatron.data.calibrate_app",
     "pipeline": "lep_megatron.pipeline.app",
 }
 

@@ -59,19 +59,21 @@ class SFTDataConfig:
             raise UserInputError(f"max_length={self.max_length} must be >= 2")
 
 
-def load_chat_tokenizer(tokenizer_dir: Path):
+def load_chat_tokenizer(tokenizer_dir: Path, key: str = "tokenizer"):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if not getattr(tok, "chat_template", None):
-        raise UserInputError(f"tokenizer={tokenizer_dir} has no chat template (tokenizer_config.json "
+        raise UserInputError(f"{key}={tokenizer_dir} has no chat template (tokenizer_config.json "
                              "`chat_template`); use the instruct model's tokenizer or add one")
     if not tok.is_fast:
-        raise UserInputError(f"tokenizer={tokenizer_dir}: a fast tokenizer (tokenizer.json) is needed for offsets")
+        raise UserInputError(f"{key}={tokenizer_dir}: a fast tokenizer (tokenizer.json) is needed for offsets")
     return tok
 
 
-def check_messages(messages, where: str) -> None:
+def check_messages(messages, where: str, answered: bool = True) -> None:
+    """A conversation's messages are {role, content} with known roles; with `answered`, at least
+    one assistant turn (training data), without, the last turn a user's (a prompt to answer)."""
     if not isinstance(messages, list) or not messages:
         raise UserInputError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
     for i, m in enumerate(messages):
@@ -79,7 +81,11 @@ def check_messages(messages, where: str) -> None:
             raise UserInputError(f"{where}: message {i} must be {{\"role\": ..., \"content\": \"text\"}}")
         if m.get("role") not in ROLES:
             raise UserInputError(f"{where}: message {i} has role {m.get('role')!r}; roles are {', '.join(ROLES)}")
-    if not any(m["role"] == "assistant" for m in messages):
+    if not answered:
+        if messages[-1]["role"] != "user":
+            raise UserInputError(f"{where}: the prompt ends with a {messages[-1]['role']!r} message; it must end "
+                                 "with the user turn to answer (drop the trailing answer)")
+    elif not any(m["role"] == "assistant" for m in messages):
         raise UserInputError(f"{where}: no assistant message: nothing to train on; drop the line or add the answer")
 
 

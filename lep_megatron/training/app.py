@@ -1,4 +1,6 @@
 """Hydra app of `lep-megatron pretrain` (run it under torchrun / srun for several ranks)."""
+import math
+import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -97,6 +99,28 @@ def sft_data_batches(cfg, train_cfg: TrainConfig):
                        parallel_state.get_data_parallel_world_size(), seed=cfg.data.seed)
 
 
+def epoch_steps(cfg, epochs: float, global_batch_size: int, warmup_steps: int) -> int:
+    """train.epochs -> optimizer steps: passes over the conversations of a data.kind=sft dir, at
+    global_batch_size conversations a step (the last step of a pass may run into the next one)."""
+    if cfg.data.kind != "sft":
+        raise UserInputError(f"train.epochs={epochs}: epochs count conversations of data.kind=sft; "
+                             f"with data.kind={cfg.data.kind} set train.steps (and train.epochs=null)")
+    if not epochs > 0:
+        raise UserInputError(f"train.epochs={epochs} must be > 0 (or null: train.steps counts)")
+    if not cfg.data.dir:
+        raise UserInputError("data.dir is required for data.kind=sft (make it with `lep-megatron sft-data`)")
+    conversations = read_sft_meta(Path(cfg.data.dir))["conversations"]
+    steps = max(1, math.ceil(epochs * conversations / global_batch_size))
+    if warmup_steps >= steps:
+        raise UserInputError(f"train.warmup_steps={warmup_steps} must be below the {steps} steps of train.epochs="
+                             f"{epochs} ({conversations} conversations / global batch {global_batch_size}); "
+                             "lower train.warmup_steps")
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"train.epochs={epochs}: {conversations} conversations / global batch {global_batch_size} "
+              f"-> {steps} steps", flush=True)
+    return steps
+
+
 @stage_app("pretrain")
 def main(cfg) -> None:
     if cfg.dry_run:
@@ -104,8 +128,12 @@ def main(cfg) -> None:
     if not cfg.checkpoint:
         raise UserInputError("checkpoint= is required: a Megatron checkpoint (lep-megatron convert hf-to-mcore / "
                              "init); model= alone only plans (dry_run=true)")
+    settings = OmegaConf.to_container(cfg.train, resolve=True)
+    epochs = settings.pop("epochs", None)
+    if epochs is not None:
+        settings["steps"] = epoch_steps(cfg, epochs, settings["global_batch_size"], settings["warmup_steps"])
     train_cfg = TrainConfig(checkpoint=cfg.checkpoint, out_dir=cfg.out_dir, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                            **OmegaConf.to_container(cfg.train, resolve=True))
+                            **settings)
     eval_cfg = TrainEvalConfig(**OmegaConf.to_container(cfg.eval))
     hooks = [DarumeruHook(eval_cfg, cfg.checkpoint)] if eval_cfg.every else []
     train(train_cfg, *make_batches(cfg, train_cfg), hooks=hooks)
