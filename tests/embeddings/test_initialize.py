@@ -12,22 +12,15 @@ import torch
 from lep_megatron.checkpoint.hf_io import SafetensorsReader
 from lep_megatron.common.io import UserInputError
 from lep_megatron.embeddings.initialize import InitConfig, initialize
-from lep_megatron.models.tiny import make_hf_model
-from lep_megatron.tokenizer import originals
-from lep_megatron.tokenizer.extend import ExtendConfig, extend
 from lep_megatron.tokenizer.token_map import TokenMap
 
 OLD_VOCAB = 32000
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, corpus_dir):
-    d = tmp_path_factory.mktemp("init")
-    original = originals.resolve("mistral-7b", d / "cache")
-    make_hf_model(d / "base", "mistral", vocab_size=OLD_VOCAB, layers=2, tokenizer_dir=original, max_shard_size="2MB")
-    extend(ExtendConfig(original=str(original), out_dir=str(d / "ext"), corpus=[str(corpus_dir / "train.txt")],
-                        new_vocab_size=2000, max_sentences=20000, cache_dir=str(d / "cache")))
-    return d
+def setup(tiny_mistral):
+    """The directory holding base (tiny Mistral, real tokenizer) and ext (its extension)."""
+    return tiny_mistral["base"].parent
 
 
 def tables(model_dir):

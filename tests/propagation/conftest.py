@@ -11,10 +11,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer
 
 from lep_megatron.embeddings.initialize import EMBED, HEAD, InitConfig, initialize
-from lep_megatron.models.tiny import make_hf_model
-from lep_megatron.tokenizer import originals
 from lep_megatron.tokenizer import vocab as V
-from lep_megatron.tokenizer.extend import ExtendConfig, extend
 
 OLD_VOCAB, DIM = 32000, 64
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -78,18 +75,15 @@ def make_donor(base: Path, ext: Path, out: Path, seed: int = 2) -> None:
 
 
 @pytest.fixture(scope="session")
-def lep(tmp_path_factory, corpus_dir):
+def lep(tmp_path_factory, tiny_mistral):
     """Directories of base, ext (tokenizer), donor, instruct (exact maps) and the true maps."""
     d = tmp_path_factory.mktemp("lep")
-    original = originals.resolve("mistral-7b", d / "cache")
-    make_hf_model(d / "base", "mistral", vocab_size=OLD_VOCAB, layers=2, tokenizer_dir=original, max_shard_size="2MB")
-    extend(ExtendConfig(original=str(original), out_dir=str(d / "ext"), corpus=[str(corpus_dir / "train.txt")],
-                        new_vocab_size=2000, max_sentences=20000, cache_dir=str(d / "cache")))
-    make_donor(d / "base", d / "ext", d / "donor")
+    base = tiny_mistral["base"]
+    make_donor(base, tiny_mistral["ext"], d / "donor")
     d_true, u_true = random_map(10), random_map(11)
-    make_instruct(d / "base", d / "instruct", d_true, u_true)
-    return {"dir": d, "base": d / "base", "ext": d / "ext", "donor": d / "donor", "instruct": d / "instruct",
-            "D": d_true, "U": u_true, "original": original}
+    make_instruct(base, d / "instruct", d_true, u_true)
+    return {"dir": d, "base": base, "ext": tiny_mistral["ext"], "donor": d / "donor", "instruct": d / "instruct",
+            "D": d_true, "U": u_true, "original": tiny_mistral["original"]}
 
 
 def copy_model(src: Path, dst: Path) -> Path:
