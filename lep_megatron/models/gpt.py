@@ -143,14 +143,15 @@ def mask_vocab_padding(output_layer: torch.nn.Module, vocab_size: int) -> None:
 
 
 def build_stage_model(shape: HFModelShape, padded_vocab: int, params_dtype: torch.dtype = torch.float32,
-                      **config_overrides) -> GPTModel:
-    """This rank's pipeline stage at the TP/PP sizes parallel_state was initialized with."""
+                      use_te: bool = None, **config_overrides) -> GPTModel:
+    """This rank's pipeline stage at the TP/PP sizes parallel_state was initialized with
+    (use_te None: TransformerEngine's spec where it is usable)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = transformer_config(shape, tp, pp, params_dtype, **config_overrides)
     return build_gpt_model(shape, config, padded_vocab,
                            pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage())
+                           post_process=parallel_state.is_pipeline_last_stage(), use_te=use_te)
 
 
 def stage_layer_offset(shape: HFModelShape) -> int:

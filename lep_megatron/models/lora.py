@@ -23,7 +23,9 @@ Not supported (refused with a message): sequence parallelism (the low-rank activ
 gathered along the sequence and A's gradient all-reduced as megatron does for norms marked
 `sequence_parallel`), and the TE spec's linears: TELayerNormColumnParallelLinear fuses the norm
 into the linear, so the LoRA branch would need the normalised input (TE's
-`return_layernorm_output=True`) and the adapter would have to be built beside TE's module.
+`return_layernorm_output=True`) and the adapter would have to be built beside TE's module. The
+trainer therefore builds LoRA runs with the local spec on every machine; megatron maps the local
+spec's norm keys onto the TE spec's in dist checkpoints, so the same checkpoints load in both.
 """
 import inspect
 import math

@@ -159,12 +159,15 @@ def build(cfg: TrainConfig):
         raise UserInputError(f"train.dtype={cfg.dtype} with train.use_distributed_optimizer=false needs CUDA "
                              "(megatron's mixed-precision optimizer wraps only CUDA tensors); on CPU set "
                              "train.use_distributed_optimizer=true or train.dtype=float32")
-    model = build_stage_model(meta.shape, meta.padded_vocab_size, dtype, **RECOMPUTE_SETTINGS[cfg.recompute])
+    lora = cfg.lora()
+    # LoRA wraps megatron's own parallel linears: a LoRA run builds the local spec even where
+    # TransformerEngine is installed (its dist checkpoints map onto the TE spec's keys and back)
+    model = build_stage_model(meta.shape, meta.padded_vocab_size, dtype, use_te=False if lora else None,
+                              **RECOMPUTE_SETTINGS[cfg.recompute])
     if meta.lora:
         raise UserInputError(f"checkpoint={cfg.checkpoint} holds LoRA adapters; export it merged "
                              "(`lep-megatron convert mcore-to-hf`, then hf-to-mcore) to train on from it")
     load_model(model, cfg.checkpoint)
-    lora = cfg.lora()
     if lora is not None:
         # after the base weights are loaded, before freezing and the DDP wrap; the run's
         # checkpoints record the adapters so that export can merge them

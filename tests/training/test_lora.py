@@ -135,4 +135,5 @@ def test_lora_dropout_only_while_training():
         model.train()
         dropped = model(ids, pos, None)
     assert torch.equal(first, second)
-    assert (dropped - first).abs().max() > 1e-3
+    vocab = shape.vocab_size  # the padded rows' logits are -inf in every mode
+    assert (dropped - first)[..., :vocab].abs().max() > 1e-3
