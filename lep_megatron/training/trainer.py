@@ -31,7 +31,7 @@ from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta, load_
 from lep_megatron.common.io import UserInputError
 from lep_megatron.compat import optimizer_resume
 from lep_megatron.models import build_stage_model
-from lep_megatron.models.lora import LoRAConfig, add_lora
+from lep_megatron.models.lora import LoRAConfig, adapted_layers, add_lora
 from lep_megatron.models.hf_config import parse_dtype
 from lep_megatron.parallel import init_distributed
 from lep_megatron.training.flops import step_flops
@@ -355,7 +355,11 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
     first_step = resume_step(cfg, model, optimizer, scheduler) + 1
     guard = LossGuard(cfg.spike_factor, cfg.max_skipped_steps)
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
-    flops_per_step = step_flops(meta.shape, cfg.seq_length, body_trainable=cfg.trainable == "full").per_token * tokens_per_step
+    lora = cfg.lora()
+    flops_per_step = step_flops(
+        meta.shape, cfg.seq_length, body_trainable=cfg.trainable == "full",
+        lora_rank=lora.rank if lora else 0,
+        lora_layers=len(adapted_layers(lora, meta.shape.num_layers)) if lora else 0).per_token * tokens_per_step
     for step in range(first_step, cfg.steps + 1):
         start = time.perf_counter()
         model.zero_grad_buffer()
