@@ -18,6 +18,8 @@ MODEL_ROWS = {
     "lep_overlap": "instruct + LEP overlap",
     "lep_conversion": "instruct + LEP conversion",
     "lep_sum_conversion": "instruct + LEP sum_conversion",
+    **{f"lep_{m}_calibrated": f"instruct + LEP {m} + self-calibration (LoRA)"
+       for m in ("swap", "overlap", "conversion", "sum_conversion")},
 }
 
 

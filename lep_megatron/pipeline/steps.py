@@ -9,6 +9,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
+from lep_megatron.common.io import UserInputError
+
 
 def override(key: str, value: Any) -> str:
     """A hydra override whose value survives hydra's grammar (paths, commas, lists)."""
@@ -114,7 +116,49 @@ def lep_steps(cfg: Dict[str, Any]) -> List[Step]:
             "overwrite=true",
         ], output=f"lep_{mode}", after=["export", "init"]))
         models[f"lep_{mode}"] = (f"lep_{mode}", CHAT_FORMAT, [f"propagate_{mode}"])
+    if cfg.get("calibration", {}).get("mode"):
+        steps += calibration_steps(cfg, models)
     steps += eval_steps(cfg["eval"], models, heldout)
+    return steps
+
+
+def calibration_steps(cfg: Dict[str, Any], models: Dict[str, tuple]) -> List[Step]:
+    """The paper's optional self-calibration of one LEP model: the original instruct model answers
+    the prompts, plus copy examples from the corpus (calibrate-data) -> sft-data with the LEP
+    model's tokenizer -> convert -> pretrain finetune=calibration (LoRA on the first and last
+    layers, embeddings and head) -> export, evaluated as lep_<mode>_calibrated."""
+    cal, tp = cfg["calibration"], cfg["parallel"]
+    mode = cal["mode"]
+    if mode not in cfg["propagate"]["modes"]:
+        raise UserInputError(f"calibration.mode={mode}: not among propagate.modes={list(cfg['propagate']['modes'])}; "
+                             "calibrate a mode the pipeline propagates")
+    lep_model, out = f"lep_{mode}", f"lep_{mode}_calibrated"
+    steps = [
+        Step("calibrate_data", "calibrate-data", [
+            override("model", cfg["instruct"]), override("out", "calibration/chats.jsonl"),
+            override("prompts", list(cal["prompts"]) or None), override("max_new_tokens", cal["max_new_tokens"]),
+            override("copy.corpus", cal["copy_corpus"] or cfg["corpus"].split(",")),
+            override("copy.examples", cal["copy_examples"]), "overwrite=true",
+        ], output="calibration/chats.jsonl"),
+        Step("calibration_data", "sft-data", [
+            override("tokenizer", lep_model), override("files", ["calibration/chats.jsonl"]),
+            override("out_dir", "calibration/sft"), override("max_length", cal["max_length"]), "overwrite=true",
+        ], output="calibration/sft", after=["calibrate_data", f"propagate_{mode}"]),
+        Step("calibration_convert", "convert", [
+            "action=hf-to-mcore", override("in_dir", lep_model), override("out_dir", "calibration/mcore"),
+            override("parallel.tp", tp["tp"]), override("parallel.pp", tp["pp"]), "overwrite=true",
+        ], output="calibration/mcore", after=[f"propagate_{mode}"]),
+        Step("calibrate", "pretrain", [
+            "finetune=calibration", override("checkpoint", "calibration/mcore"), override("out_dir", "calibration/run"),
+            override("data.dir", "calibration/sft"), override("parallel.tp", tp["tp"]), override("parallel.pp", tp["pp"]),
+        ] + [override(f"train.{k}", v) for k, v in cal["train"].items()],
+            output="calibration/run", after=["calibration_data", "calibration_convert"], ranks=cfg["pretrain"]["ranks"],
+            resumable=True),
+        Step("calibration_export", "convert", [
+            "action=mcore-to-hf", override("in_dir", "calibration/run"), override("out_dir", out), "overwrite=true",
+        ], output=out, after=["calibrate"]),
+    ]
+    models[out] = (out, CHAT_FORMAT, ["calibration_export"])
     return steps
 
 

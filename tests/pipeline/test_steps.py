@@ -70,3 +70,27 @@ def test_input_hash_sees_content_and_size(tmp_path):
     data[-1] = 1  # the last MiB is sampled
     big.write_bytes(bytes(data))
     assert input_hash(tmp_path / "m")["sha256_sampled"] != first["sha256_sampled"]
+
+
+def test_calibration_steps_follow_the_chosen_lep_model_and_compose():
+    from lep_megatron.pipeline.steps import lep_steps
+
+    with initialize_config_module("lep_megatron.conf", version_base=None):
+        cfg = compose(config_name="pipeline", overrides=[
+            "run_dir=r", "base=b", "instruct=i", "corpus=ru.txt", "heldout=h.txt", "propagate.modes=[swap,conversion]",
+            "calibration.mode=conversion", "+calibration.train.lr=1e-3"])
+        from omegaconf import OmegaConf
+        config = OmegaConf.to_container(cfg, resolve=True)
+        steps = {s.name: s for s in lep_steps(config)}
+        assert steps["calibrate_data"].after == [] and "copy.corpus=[ru.txt]" in steps["calibrate_data"].overrides
+        assert steps["calibration_data"].after == ["calibrate_data", "propagate_conversion"]
+        assert "tokenizer=lep_conversion" in steps["calibration_data"].overrides
+        assert steps["calibrate"].after == ["calibration_data", "calibration_convert"] and steps["calibrate"].resumable
+        assert "finetune=calibration" in steps["calibrate"].overrides and "train.lr=0.001" in steps["calibrate"].overrides
+        assert steps["eval_lep_conversion_calibrated"].after == ["calibration_export"]
+        check_unique(list(steps.values()))
+        for name in ("calibrate_data", "calibration_data", "calibration_convert", "calibrate", "calibration_export"):
+            step = steps[name]
+            compose(config_name=step.stage, overrides=step.overrides)  # every key exists in the stage's config
+        with pytest.raises(UserInputError, match="calibration.mode=overlap: not among propagate.modes"):
+            lep_steps(dict(config, calibration=dict(config["calibration"], mode="overlap")))
