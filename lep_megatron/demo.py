@@ -13,6 +13,7 @@ finished and resumes a killed training. The demo's own preparation steps are thi
 actions (corpus, base_model, instruct_model, eval_data).
 """
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any, Dict, List
@@ -32,6 +33,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 COPY_PROMPT = "Скопируйте текст без изменений.\nТекст: {text}"
 COPY_ANSWER = "Копия:"
 COPY_TASK = "darumeru/cp_sent_ru"
+CALIBRATION_PROMPTS = "calibration_prompts.jsonl"
 
 
 def train_overrides(train: Dict[str, Any]) -> List[str]:
@@ -90,10 +92,18 @@ def demo_steps(cfg: Dict[str, Any]) -> List[Step]:
     lep = dict(cfg["lep"], base="base", instruct="instruct", corpus="corpus_ru/train.txt",
                heldout="corpus_ru/heldout.txt", parallel={"tp": 1, "pp": 1})
     lep["eval"] = dict(lep["eval"], data_dir="eval_data", tasks=[COPY_TASK])
+    if lep["calibration"]["mode"]:
+        # self-calibration as the paper: the instruct model's own answers to copy requests
+        steps.append(Step("calibration_prompts", "demo", [
+            "action=calibration_prompts", override("corpus_dirs", ["corpus_ru"]), override("out", CALIBRATION_PROMPTS),
+            override("calibration_prompts", cfg["calibration_prompts"])], output=CALIBRATION_PROMPTS,
+            after=["corpus_ru"]))
+        lep["calibration"] = dict(lep["calibration"], prompts=[CALIBRATION_PROMPTS])
     for step in lep_steps(lep):
         # the LEP part reads the models the preparation made
         extra = {"tokenizer": ["corpus_ru"], "init": ["base_export"], "data": ["corpus_ru"],
-                 "propagate": ["instruct_export"], "eval": ["eval_data"]}
+                 "propagate": ["instruct_export"], "eval": ["eval_data"],
+                 "calibrate_data": ["calibration_prompts", "instruct_export"]}
         key = next((k for k in extra if step.name == k or step.name.startswith(k + "_")), None)
         if key:
             step.after = sorted(set(step.after) | set(extra[key]))
@@ -203,6 +213,19 @@ def make_eval_data(corpus_dirs: List[str], out: Path, items: int) -> None:
     print(f"eval data: {len(test)} copy items -> {out}")
 
 
+def make_calibration_prompts(corpus_dirs: List[str], out: Path, count: int) -> None:
+    """Copy requests over training sentences (from the end of the corpus: other lines than the
+    instruct model's dialogues, which the seed-0 shuffle draws from everywhere, mostly)."""
+    lines = read_lines(Path(corpus_dirs[0]), "train", 120)[::-1][:count]
+    if not lines:
+        raise UserInputError(f"{corpus_dirs[0]}/train.txt has no line of <= 120 characters for copy requests")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"prompt": COPY_PROMPT.format(text=t)}, ensure_ascii=False) + "\n"
+                           for t in lines), encoding="utf-8")
+    os.replace(tmp, out)
+    print(f"calibration prompts: {len(lines)} copy requests -> {out}")
+
+
 def run(cfg: Dict[str, Any]) -> None:
     action = cfg["action"]
     if action == "corpus":
@@ -213,6 +236,8 @@ def run(cfg: Dict[str, Any]) -> None:
         make_instruct_model(Path(cfg["base"]), Path(cfg["out"]), cfg["corpus_dirs"], cfg["instruct_examples"])
     elif action == "eval_data":
         make_eval_data(cfg["corpus_dirs"], Path(cfg["out"]), cfg["eval_items"])
+    elif action == "calibration_prompts":
+        make_calibration_prompts(cfg["corpus_dirs"], Path(cfg["out"]), cfg["calibration_prompts"])
     elif action == "run":
         run_dir = Path(cfg["run_dir"]).absolute()
         run_pipeline(demo_steps(cfg), run_dir, cfg, {}, force=cfg["force"])
@@ -220,7 +245,7 @@ def run(cfg: Dict[str, Any]) -> None:
         print(f"\n{table}\n\nreport: {run_dir / 'report.md'}")
     else:
         raise UserInputError(f"action={action!r}: choose run (or one of its steps: corpus, base_model, "
-                             "instruct_model, eval_data)")
+                             "instruct_model, eval_data, calibration_prompts)")
 
 
 @stage_app("demo")

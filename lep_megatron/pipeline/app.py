@@ -32,6 +32,11 @@ def absolute_inputs(config: Dict[str, Any]) -> Dict[str, Any]:
             raise UserInputError(f"corpus: {pattern} matches no file")
         resolved.append(pattern)
     config["corpus"] = ",".join(resolved)
+    calibration = config.get("calibration") or {}
+    for key in ("prompts", "copy_corpus"):
+        if calibration.get(key):
+            config["calibration"] = calibration = dict(calibration, **{key: [
+                str(Path(p).expanduser().absolute()) for p in calibration[key]]})
     if config["eval"].get("data_dir"):
         config["eval"] = dict(config["eval"], data_dir=str(Path(config["eval"]["data_dir"]).expanduser().absolute()))
     return config

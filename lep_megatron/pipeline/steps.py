@@ -137,7 +137,8 @@ def calibration_steps(cfg: Dict[str, Any], models: Dict[str, tuple]) -> List[Ste
         Step("calibrate_data", "calibrate-data", [
             override("model", cfg["instruct"]), override("out", "calibration/chats.jsonl"),
             override("prompts", list(cal["prompts"]) or None), override("max_new_tokens", cal["max_new_tokens"]),
-            override("copy.corpus", cal["copy_corpus"] or cfg["corpus"].split(",")),
+            override("keep_unfinished", cal["keep_unfinished"]),
+            override("copy.corpus", (cal["copy_corpus"] or cfg["corpus"].split(",")) if cal["copy_examples"] else None),
             override("copy.examples", cal["copy_examples"]), "overwrite=true",
         ], output="calibration/chats.jsonl"),
         Step("calibration_data", "sft-data", [

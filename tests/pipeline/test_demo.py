@@ -21,8 +21,10 @@ TINY = [
     "eval_items=3", "lep.tokenizer.new_vocab_size=1500", "lep.tokenizer.max_sentences=5000",
     "lep.pretrain.train.steps=6", "lep.pretrain.train.warmup_steps=1", "lep.pretrain.train.seq_length=64",
     "lep.pretrain.train.eval_every=3", "lep.pretrain.train.eval_batches=1", "lep.eval.perplexity_lines=10",
+    "calibration_prompts=16", "lep.calibration.max_new_tokens=8", "lep.calibration.keep_unfinished=true", "lep.calibration.max_length=64",
+    "lep.calibration.train.epochs=1", "lep.calibration.train.seq_length=64", "lep.calibration.train.warmup_steps=1",
 ]
-MODELS = ("base", "instruct", "adapted_base", "lep_swap", "lep_overlap", "lep_conversion")
+MODELS = ("base", "instruct", "adapted_base", "lep_swap", "lep_overlap", "lep_conversion", "lep_conversion_calibrated")
 
 
 def demo(run_dir: Path):
