@@ -155,10 +155,14 @@ def build(cfg: TrainConfig):
     meta = CheckpointMeta.read(cfg.checkpoint)
     meta.check_tp(cfg.tp)
     dtype = parse_dtype(cfg.dtype)
-    if dtype != torch.float32 and not cfg.use_distributed_optimizer and not torch.cuda.is_available():
-        raise UserInputError(f"train.dtype={cfg.dtype} with train.use_distributed_optimizer=false needs CUDA "
-                             "(megatron's mixed-precision optimizer wraps only CUDA tensors); on CPU set "
-                             "train.use_distributed_optimizer=true or train.dtype=float32")
+    if dtype != torch.float32 and not cfg.use_distributed_optimizer:
+        # megatron's Float16OptimizerWithFloat16Params wraps only CUDA tensors, and on megatron-core
+        # 0.19.2 its checkpoints fail ("Param id .. does not match any model sharded param", seen on
+        # an H200 with trainable=full); the distributed optimizer keeps the same fp32 master state
+        raise UserInputError(f"train.dtype={cfg.dtype} needs train.use_distributed_optimizer=true (the default; "
+                             "at one data-parallel rank it shards nothing): megatron's non-distributed "
+                             "mixed-precision optimizer needs CUDA tensors and fails to checkpoint on "
+                             "megatron-core 0.19; or use train.dtype=float32")
     lora = cfg.lora()
     # LoRA wraps megatron's own parallel linears: a LoRA run builds the local spec even where
     # TransformerEngine is installed (its dist checkpoints map onto the TE spec's keys and back)
