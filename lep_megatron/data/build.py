@@ -1,7 +1,7 @@
 """Text/JSONL corpora -> Megatron indexed datasets (.bin/.idx), tokenized with the new tokenizer.
 
-Every line of a text file (and every text line of a JSONL record, as the tokenizer stage reads
-them) is one document, stored as bos + tokens + eos. A document goes to the valid split when a
+Every line of a text file and every JSONL record (its text field whole, newlines kept) is one
+document, stored as bos + tokens + eos. A document goes to the valid split when a
 hash of its text falls under valid_fraction, so the split does not depend on order or sharding.
 
 The documents of each corpus are cut into contiguous shards, one per process: processes of
@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from lep_megatron.common.io import UserInputError, atomic_dir, progress
 from lep_megatron.tokenizer import vocab as V
-from lep_megatron.tokenizer.corpus import corpus_files, iter_lines
+from lep_megatron.tokenizer.corpus import corpus_files, iter_documents
 from lep_megatron.tokenizer.originals import family_tokens
 from lep_megatron.tokenizer.token_map import tokenizer_fingerprint
 
@@ -152,7 +152,7 @@ def shard_documents(files: List[Tuple[str, int]], start: int, stop: int, text_fi
     offset = 0
     for path, n in files:
         if offset < stop and start < offset + n:
-            with closing(iter_lines([Path(path)], text_field)) as lines:
+            with closing(iter_documents([Path(path)], text_field)) as lines:
                 yield from itertools.islice(lines, max(start - offset, 0), min(stop, offset + n) - offset)
         offset += n
 
@@ -162,7 +162,7 @@ def count_documents(comm, rank: int, size: int, paths: List[str], text_field: st
     mine, error = {}, None
     try:
         for path in paths[rank::size]:
-            mine[path] = sum(1 for _ in iter_lines([Path(path)], text_field))
+            mine[path] = sum(1 for _ in iter_documents([Path(path)], text_field))
     except UserInputError as err:
         error = str(err)
     results = comm.allgather((mine, error)) if comm is not None else [(mine, error)]

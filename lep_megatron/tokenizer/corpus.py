@@ -1,4 +1,5 @@
-"""Streaming training text: files, globs and JSONL (a text field), one sample per line.
+"""Streaming training text: files, globs and JSONL (a text field), one sample per line;
+documents for the data stage: a line of a text file, a whole JSONL record.
 
 Tokenizer trainers see a bounded, seeded reservoir sample of lines, so memory stays fixed
 however large the corpus is. Invalid UTF-8 is an error naming the file and line, not a
@@ -46,6 +47,27 @@ def iter_lines(files: Sequence[Path], text_field: str = "text") -> Iterator[str]
                     yield from (part for part in str(text).splitlines() if part.strip())
                 elif line.strip():
                     yield line
+
+
+def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[str]:
+    """Documents of a corpus: each non-empty line of a text file, each JSONL record's text_field
+    whole (its paragraphs and newlines kept: a web page or a chat stays one document)."""
+    for path in files:
+        if path.suffix != ".jsonl":
+            yield from iter_lines([path], text_field)
+            continue
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = json.loads(raw.decode("utf-8"))[text_field]
+                except UnicodeDecodeError as err:
+                    raise UserInputError(f"{path}:{n}: invalid UTF-8 at byte {err.start}; re-encode the file as UTF-8") from err
+                except (ValueError, KeyError, TypeError) as err:
+                    raise UserInputError(f"{path}:{n}: not a JSON object with a {text_field!r} field ({err})") from err
+                if str(text).strip():
+                    yield str(text)
 
 
 def sample_lines(files: Sequence[Path], max_lines: int, seed: int = 0, text_field: str = "text") -> List[str]:

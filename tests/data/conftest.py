@@ -6,20 +6,21 @@ from pathlib import Path
 import pytest
 
 TEXT_LINES = 1500
-JSONL_LINES = 500
+JSONL_RECORDS = 500
 
 
 @pytest.fixture(scope="session")
 def corpora(corpus_dir, tmp_path_factory) -> dict:
-    """{name: {files, weight}}: a text corpus (two files) and a JSONL corpus (one record per document)."""
+    """{name: {files, weight}}: a text corpus (two files) and a JSONL corpus (one two-line record per document)."""
     lines = (corpus_dir / "train.txt").read_text(encoding="utf-8").splitlines()
     root = tmp_path_factory.mktemp("corpora")
     # two files, so that shard boundaries fall inside and between files
     (root / "fortunes_a.txt").write_text("\n".join(lines[:900]) + "\n", encoding="utf-8")
     (root / "fortunes_b.txt").write_text("\n".join(lines[900:TEXT_LINES]) + "\n", encoding="utf-8")
     with open(root / "manuals.jsonl", "w", encoding="utf-8") as f:
-        for line in lines[-JSONL_LINES:]:
-            f.write(json.dumps({"id": len(line), "text": line}, ensure_ascii=False) + "\n")
+        tail = lines[-2 * JSONL_RECORDS:]
+        for first, second in zip(tail[::2], tail[1::2]):  # a record is a document: its newline stays
+            f.write(json.dumps({"id": len(first), "text": f"{first}\n{second}"}, ensure_ascii=False) + "\n")
     return {"fortunes": {"files": [str(root / "fortunes_a.txt"), str(root / "fortunes_b.txt")], "weight": 3.0}, "manuals": {"files": [str(root / "manuals.jsonl")], "weight": 1.0}}
 
 

@@ -18,9 +18,9 @@ DATA_FILES = ("fortunes_train", "fortunes_valid", "manuals_train", "manuals_vali
 
 
 def documents(spec: dict):
-    from lep_megatron.tokenizer.corpus import iter_lines
+    from lep_megatron.tokenizer.corpus import iter_documents
 
-    return list(iter_lines([Path(f) for f in spec["files"]]))
+    return list(iter_documents([Path(f) for f in spec["files"]]))
 
 
 def test_documents_are_bos_text_eos(built, corpora, new_tokenizer):
@@ -39,6 +39,7 @@ def test_documents_are_bos_text_eos(built, corpora, new_tokenizer):
     for name, spec in corpora.items():
         docs = documents(spec)
         assert len(docs) == {"fortunes": 1500, "manuals": 500}[name]
+        assert all(("\n" in d) == (name == "manuals") for d in docs)  # a JSONL record stays one document
         for split in ("train", "valid"):
             expected = [d for d in docs if is_valid_document(d, 0.05) == (split == "valid")]
             ds = IndexedDataset(str(built / f"{name}_{split}"))

@@ -36,10 +36,10 @@ def datasets(process_group, built, new_tokenizer, tmp_path_factory):
 
 def split_documents(corpora, split: str) -> dict:
     from lep_megatron.data.build import is_valid_document
-    from lep_megatron.tokenizer.corpus import iter_lines
+    from lep_megatron.tokenizer.corpus import iter_documents
 
     return {
-        name: {d for d in iter_lines([Path(f) for f in spec["files"]]) if is_valid_document(d, 0.05) == (split == "valid")}
+        name: {d for d in iter_documents([Path(f) for f in spec["files"]]) if is_valid_document(d, 0.05) == (split == "valid")}
         for name, spec in corpora.items()
     }
 
