@@ -10,22 +10,29 @@ Russian SentencePiece BPE trained on data/corpus/train.txt (`lep-megatron tokeni
 original=llama-3 new_vocab_size=64000`: 54,769 new tokens, 2.76 pieces on average). Tokenizers:
 synthetic byte-level vocabularies of those sizes (3 specials shared).
 
-Each (mode, solver) runs in a fresh process. It measures the float64 GEMM rate (best of 3
-A^T [A | B] products of one 4096-row solve chunk) and the float32 one (a chunk of donor rows times
-the map), before and after the run, keeping the better; then times propagate(), its fit (reading
-the base and instruct tables + the float64 solves) and, within the fit, the streamed solves.
+Each (mode, solver) runs in a fresh process. The float64 GEMM rate (best of 3 A^T [A | B]
+products of one 4096-row solve chunk, full GEMMs) is measured right before and right after the fit
+(inside propagate(), not counted in its time), the float32 one (a chunk of donor rows times the
+map) before and after propagate(); both are recorded and the floors use the higher (quieter) of
+each pair. It times propagate(), its fit (reading the base and instruct tables + the float64
+solves) and, within the fit, the streamed solves, split into design (T.I rows: segment sums,
+float64 conversion), gram (the Gram products) and the rest (norms, Cholesky solve, residual).
 GEMM floor of the fit = the two full Gram products per table, 2 x 2 x rows x d^2 flops, at the
-float64 rate (the normal solver computes only the upper block triangle of A^T A: 78% of those
-flops, so it can beat the floor); floor of the output = donor rows x the map per table,
+float64 rate. The normal solver computes A^T B and only the upper triangle of A^T A (a symmetric
+rank-k update built from GEMMs: gram_flops_fraction of those flops, 76.6% at d = 4096; the JSON says
+so), so it can beat that floor. Floor of the output = donor rows x the map per table,
 2 x rows x d^2 flops, at the float32 rate. Peak RSS above the process's RSS right before
 propagate(), in fp32 embedding tables of the donor vocabulary (174,816 x 4096 x 4 B = 2.86 GB at
 --scale 1) and, as the earlier runs reported it, of the base vocabulary (128,256 rows).
 
     flock /tmp/lep-bench.lock python benchmarks/propagate.py            # full shapes, ~20 min
+    flock /tmp/lep-bench.lock python benchmarks/propagate.py --mode conversion   # the acceptance run alone
     python benchmarks/propagate.py --scale 0.25 --no-write              # quick look
+    python benchmarks/propagate.py --scale 0.25 --mode conversion --no-write
 """
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import RESULTS, write_result  # noqa: E402
 
 OLD_VOCAB, NEW_VOCAB, DIM = 128256, 174816, 4096
 SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
@@ -127,34 +134,41 @@ def setup(work: Path, old: int, new: int, d: int) -> None:
         work / "donor" / "token_map.safetensors")
 
 
-def gemm_rates(rows: int, d: int) -> dict:
-    """GFLOP/s of the fit's float64 Gram GEMM and of the output's float32 GEMM (best of 3 each)."""
-    def best(fn, flops):
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return flops / min(times) / 1e9
+def best_rate(fn, flops: float) -> float:
+    """GFLOP/s of fn (best of 3)."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return flops / min(times) / 1e9
 
+
+def float64_rate(rows: int, d: int) -> float:
+    """GFLOP/s of the fit's float64 Gram GEMM as a full product: A^T [A | B] of one solve chunk."""
     ab = torch.randn(rows, 2 * d, dtype=torch.float64)
     gram = torch.zeros(d, 2 * d, dtype=torch.float64)
-    f64 = best(lambda: gram.addmm_(ab[:, :d].T, ab), 4 * rows * d * d)
-    del ab, gram
+    return best_rate(lambda: gram.addmm_(ab[:, :d].T, ab), 4 * rows * d * d)
+
+
+def float32_rate(rows: int, d: int) -> float:
+    """GFLOP/s of the output's float32 GEMM: a chunk of donor rows times the map."""
     x, m = torch.randn(2 * rows, d), torch.randn(d, d)
     y = torch.empty(2 * rows, d)
-    f32 = best(lambda: torch.mm(x, m, out=y), 2 * 2 * rows * d * d)
-    return {"float64_gflops": f64, "float32_gflops": f32}
+    return best_rate(lambda: torch.mm(x, m, out=y), 2 * 2 * rows * d * d)
 
 
 def worker(work: Path, mode: str, solver: str) -> dict:
     import importlib
 
     P = importlib.import_module("lep_megatron.propagation.propagate")  # the module, not the function
+    S = importlib.import_module("lep_megatron.propagation.solve")
 
     d = P.open_model("base", str(work / "base")).shape.hidden_size
-    rates_before = gemm_rates(4096, d)
-    timings = {"fit_s": 0.0, "solve_s": 0.0}
+    f32_before = float32_rate(4096, d)
+    timings = {"fit_s": 0.0, "solve_s": 0.0, "design_s": 0.0, "gram_s": 0.0, "rate_measurement_s": 0.0}
+    f64 = {}
+    loads = {"before": os.getloadavg()}
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
@@ -164,7 +178,44 @@ def worker(work: Path, mode: str, solver: str) -> dict:
             return out
         return wrapper
 
-    P.fit_tables, P.fit_map = timed(P.fit_tables, "fit_s"), timed(P.fit_map, "solve_s")
+    def fit_tables(*args, **kwargs):  # the float64 rate right before and right after the fit, untimed
+        t0 = time.perf_counter()
+        f64["before"] = float64_rate(4096, d)
+        loads["fit_start"] = os.getloadavg()
+        t1 = time.perf_counter()
+        out = inner_fit(*args, **kwargs)
+        t2 = time.perf_counter()
+        loads["fit_end"] = os.getloadavg()
+        f64["after"] = float64_rate(4096, d)
+        timings["fit_s"] += t2 - t1
+        timings["rate_measurement_s"] += (t1 - t0) + (time.perf_counter() - t2)
+        return out
+
+    def design_chunks(*args, **kwargs):  # time spent making the chunks, not in the consumer
+        it = inner_design(*args, **kwargs)
+        while True:
+            t0 = time.perf_counter()
+            ab = next(it, None)
+            timings["design_s"] += time.perf_counter() - t0
+            if ab is None:
+                return
+            yield ab
+
+    depth = [0]
+
+    def gram_update(*args, **kwargs):  # outermost calls only (it recurses)
+        depth[0] += 1
+        t0 = time.perf_counter()
+        try:
+            return inner_gram(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if not depth[0]:
+                timings["gram_s"] += time.perf_counter() - t0
+
+    inner_fit, inner_design, inner_gram = P.fit_tables, S.design_chunks, S.gram_update
+    P.fit_tables, P.fit_map = fit_tables, timed(P.fit_map, "solve_s")
+    S.design_chunks, S.gram_update = design_chunks, gram_update
     out = work / f"out-{mode}-{solver}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = P.PropagateConfig(base=str(work / "base"), instruct=str(work / "instruct"), donor=str(work / "donor"),
@@ -173,14 +224,23 @@ def worker(work: Path, mode: str, solver: str) -> dict:
     baseline = rss_mib()
     t0 = time.perf_counter()
     P.propagate(cfg)
-    total = time.perf_counter() - t0
+    total = time.perf_counter() - t0 - timings["rate_measurement_s"]
     peak = rss_mib("VmHWM")
+    loads["after"] = os.getloadavg()
     report = json.loads((out / "propagation_report.json").read_text())
     shutil.rmtree(out)
-    rates_after = gemm_rates(4096, d)
-    rates = {k: max(rates_before[k], rates_after[k]) for k in rates_before}
-    return {"mode": mode, "solver": solver, "total_s": total, **timings, "output_s": total - timings["fit_s"],
-            "gemm_rates_before": rates_before, "gemm_rates_after": rates_after, **rates,
+    f32_after = float32_rate(4096, d)
+    return {"mode": mode, "solver": solver, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "torch_threads": torch.get_num_threads(), "loadavg_1_5_15": loads,
+            "total_s": total, **timings, "output_s": total - timings["fit_s"],
+            "solve_other_s": timings["solve_s"] - timings["design_s"] - timings["gram_s"],
+            "float64_gflops_before_fit": f64["before"], "float64_gflops_after_fit": f64["after"],
+            "float64_gflops": max(f64["before"], f64["after"]),
+            "float32_gflops_before": f32_before, "float32_gflops_after": f32_after,
+            "float32_gflops": max(f32_before, f32_after),
+            "gram_method": "A^T B + upper triangle of A^T A (symmetric rank-k update from GEMMs, "
+                           f"diagonal leaves {S.GRAM_LEAF} wide)" if solver == "normal" else "streamed QR",
+            "gram_flops_fraction": S.gram_flops(1, d) / (4 * d * d) if solver == "normal" else None,
             "rss_baseline_mib": baseline, "peak_rss_mib": peak, "peak_above_baseline_mib": peak - baseline,
             "tables": report["tables"]}
 
@@ -192,11 +252,29 @@ def mem_available_gib() -> float:
     raise RuntimeError("no MemAvailable")
 
 
+def merged(name: str, results: dict) -> dict:
+    """results with the runs of the existing results file (same shapes) that this invocation did not
+    redo, in RUNS order: `--mode conversion` replaces the conversion run and keeps the others."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return results
+    old = json.loads(path.read_text())
+    if old.get("shapes") != json.loads(json.dumps(results["shapes"])):  # (JSON keys are strings)
+        return results
+    redone = {(r["mode"], r["solver"]) for r in results["runs"]}
+    runs = [r for r in old.get("runs", []) if (r["mode"], r["solver"]) not in redone] + results["runs"]
+    order = {run: i for i, run in enumerate(RUNS)}
+    runs.sort(key=lambda r: order.get((r["mode"], r["solver"]), len(order)))
+    return dict(results, runs=runs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="scale the vocabularies (quick runs: 0.25)")
     parser.add_argument("--work-dir", default="/tmp/lep-bench-propagate")
     parser.add_argument("--runs", default=",".join(f"{m}:{s}" for m, s in RUNS), help="mode:solver,...")
+    parser.add_argument("--mode", help="run these modes only (comma-separated), normal solver: --mode conversion "
+                        "is --runs conversion:normal; the results file keeps its other runs")
     parser.add_argument("--no-write", action="store_true", help="print only, leave benchmarks/results alone")
     parser.add_argument("--keep-inputs", action="store_true", help="reuse the work dir's models if there, keep them")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "SOLVER"), help=argparse.SUPPRESS)
@@ -205,7 +283,11 @@ def main():
     if args.worker:
         print(json.dumps(worker(work, *args.worker)))
         return
+    runs = [tuple(run.split(":")) for run in args.runs.split(",")]
+    if args.mode:
+        runs = [(mode, "normal") for mode in args.mode.split(",")]
     old, new, d = int(OLD_VOCAB * args.scale), int(NEW_VOCAB * args.scale), DIM
+    result_name = "propagate" if args.scale == 1 else f"propagate_scale{args.scale:g}"
     # the peak of a run (~1.3 donor-vocabulary fp32 tables, see README) with room for the page cache
     need_gib = 2.0 * new * d * 4 / 2**30
     t0 = time.perf_counter()
@@ -219,8 +301,8 @@ def main():
                               "peak_rss": "peak_above_baseline_fp32_tables <= 4"}}
     table_mib, old_table_mib = new * d * 4 / 2**20, old * d * 4 / 2**20
     try:
-        for run in args.runs.split(","):
-            mode, solver = run.split(":")
+        for mode, solver in runs:
+            run = f"{mode}:{solver}"
             if mem_available_gib() < need_gib:
                 raise SystemExit(f"{run}: only {mem_available_gib():.1f} GiB available, {need_gib:.1f} needed; "
                                  "rerun when the machine is quieter")
@@ -234,7 +316,11 @@ def main():
             r["output_floor_s"] = 2 * new * d * d * len(r["tables"]) / (r["float32_gflops"] * 1e9) \
                 if mode != "swap" else 0.0
             if fit_rows:
+                # against the higher (quieter) of the rates right before and right after the fit
                 r["fit_over_floor"] = r["fit_s"] / r["fit_floor_s"]
+                for when in ("before", "after"):
+                    r[f"fit_over_floor_at_rate_{when}_fit"] = r["fit_s"] * r[f"float64_gflops_{when}_fit"] * 1e9 \
+                        / (4 * fit_rows * d * d)
                 r["floor_fraction_achieved"] = r["fit_floor_s"] / r["fit_s"]
                 r["total_over_floor"] = r["total_s"] / (r["fit_floor_s"] + r["output_floor_s"])
             r["peak_above_baseline_fp32_tables"] = r["peak_above_baseline_mib"] / table_mib
@@ -242,7 +328,7 @@ def main():
             results["runs"].append(r)
             print(json.dumps(r), flush=True)
             if not args.no_write:  # after every run: the slow ones may be cut short
-                write_result("propagate" if args.scale == 1 else f"propagate_scale{args.scale:g}", results)
+                write_result(result_name, merged(result_name, results))
     finally:
         if not args.keep_inputs:
             shutil.rmtree(work, ignore_errors=True)

@@ -95,3 +95,26 @@ def test_bfloat16_tables_fit_as_their_float32_values(problem, solver):
         got = fit_map(x16, y16, design, solver, chunk_rows=5000)
         want = fit_map(x16.float(), y16.float(), design, solver, chunk_rows=5000)
         assert rel(got.map, want.map) < 1e-12 and got.residual == pytest.approx(want.residual, rel=1e-9)
+
+
+def test_blocked_gram_and_sub_chunks_match_one_block(problem, monkeypatch):
+    """The Gram's recursive upper triangle (diagonal leaves of GRAM_LEAF) and the segment op's
+    sub-chunks of SEGMENT_ROWS give the map of one whole block per chunk, at sizes that divide
+    nothing evenly; the flop count is 3/4 of the two full products plus the leaves' lower halves."""
+    from lep_megatron.propagation import solve
+
+    x, designs, d_true = problem
+    y = (x.double() @ d_true + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2),
+                                                 dtype=torch.float64)).float()
+    d = x.shape[1]
+    for design in designs.values():
+        monkeypatch.setattr(solve, "GRAM_LEAF", d)
+        monkeypatch.setattr(solve, "SEGMENT_ROWS", 10**9)
+        whole = fit_map(x, y, design, chunk_rows=777)
+        monkeypatch.setattr(solve, "GRAM_LEAF", 7)
+        monkeypatch.setattr(solve, "SEGMENT_ROWS", 13)
+        blocked = fit_map(x, y, design, chunk_rows=777)
+        assert rel(blocked.map, whole.map) < 1e-12 and blocked.residual == pytest.approx(whole.residual, rel=1e-9)
+        assert blocked.rows == whole.rows
+    assert solve.gram_flops(1, 4096, 256) == 2 * (4096**2 + (4096**2 + 4096 * 256) // 2)
+    assert solve.gram_flops(1, d, d) == 4 * d * d
