@@ -8,13 +8,15 @@ Each run is a fresh process (peak RSS = ru_maxrss of that child) on the Russian 
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
 
 RUNS = {
     "sp-bpe": dict(backend="sentencepiece", model_type="bpe"),
@@ -38,12 +40,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--corpus", default="data/corpus/train.txt")
     parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--out", default="benchmarks/results/tokenizer_train.json")
+    parser.add_argument("--name", default="tokenizer_train", help="result name: benchmarks/results/NAME.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.corpus, args.vocab_size)
     mb = os.path.getsize(args.corpus) / 1e6
+    load_at_start = os.getloadavg()
     results = {}
     for name in RUNS:
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--corpus", args.corpus, "--vocab-size", str(args.vocab_size)],
@@ -55,15 +58,12 @@ def main() -> None:
     import sentencepiece
     import tokenizers
 
-    out = {
+    write_result(args.name, {
         "corpus": args.corpus, "corpus_mb": mb, "vocab_size": args.vocab_size, "results": results,
-        "machine": {
-            "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-            "python": platform.python_version(), "sentencepiece": sentencepiece.__version__, "tokenizers": tokenizers.__version__,
-            "note": "shared 2-core developer machine; other jobs may have run concurrently",
-        },
-    }
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        "libraries": {"sentencepiece": sentencepiece.__version__, "tokenizers": tokenizers.__version__},
+        "run": {"load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
+                "note": "shared 2-core developer machine; other jobs may have run concurrently"},
+    })
 
 
 if __name__ == "__main__":

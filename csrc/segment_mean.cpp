@@ -1,18 +1,43 @@
 // CPU implementation of lep_megatron::segment_mean and lep_megatron::segment_sum.
 //
-// Work is split over new rows into tasks of equal cost (rows read + rows written) and run on
-// torch's intra-op thread pool (OpenMP). The per-row loop (reduce_row) is compiled for AVX-512,
-// AVX2 and baseline x86-64 and the best one is picked when the library loads, so a portable
-// build still runs vectorised.
+// Work is split over new rows into tasks of equal cost (rows read + rows written) that the
+// threads of torch's intra-op pool (OpenMP) take one at a time. The per-row loop (reduce_row)
+// is compiled for AVX-512, AVX2 and baseline x86-64 and the best one is picked when the library
+// loads, so a portable build still runs vectorised.
+//
+// What the time goes to at Llama-3 shapes (2 x [174,816 x 4096] written from 2 x [128,256 x 4096],
+// 2 cores, benchmarks/init.py), and what was kept:
+// - Most of a call is the kernel handing out the ~1.4 million fresh 4 KiB pages of the two
+//   outputs (page faults: about 2.2 CPU-s of system time per float32 call against 0.9 CPU-s of
+//   our own). Outputs are populated a few rows ahead of the writes with MADV_POPULATE_WRITE
+//   (one call per ~256 KiB instead of one fault per page; the zeroed lines are still in cache
+//   when the rows are written): -20% system time.
+// - Transparent huge pages are NOT requested for the outputs: on the VM this was measured on,
+//   free memory is handed back to the host (virtio-balloon free page reporting), and a fresh
+//   2 MiB page there costs ~4 ms to fault in (4-5x the 4 KiB pages for the same bytes; only
+//   recycled huge pages are cheap), so madvise(MADV_HUGEPAGE) made the first call 2-3x slower.
+//   With THP set to `always`, or torch's THP_MEM_ALLOC_ENABLE=1, the kernel uses them anyway.
+// - The rows of the next table (and of the next new row) are prefetched into L2 while one row
+//   is reduced: the hardware prefetcher stops at each 4 KiB page of a gathered row. -25% user
+//   time for float32, -30% for bfloat16 (which then needs fewer CPU-s than embedding_bag).
+// - Not kept: non-temporal stores (the page fault has just zeroed the lines in cache; streaming
+//   over them was slower) and memcpy for rows copied from one original row (no faster than the
+//   vector loop, which already reads and writes each byte once).
 #include "segment_mean.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LEP_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -159,6 +184,25 @@ LEP_INLINE void store16(F16Bits* p, f32x16 v) {
   store_u16x16(p, float_to_f16<f32x16, u32x16>(v));
 }
 
+// The entries of one new row that fall in the table's slice: local row numbers and weights.
+struct RowEntries {
+  std::vector<int64_t> rows;
+  std::vector<float> weights;
+  float mass = 0.0f;
+  int64_t count() const {
+    return static_cast<int64_t>(rows.size());
+  }
+};
+
+// Rows a reduce_row call prefetches (into L2) column block by column block while it works:
+// those that the next call reads.
+template <typename T>
+struct Prefetch {
+  const T* table = nullptr;
+  const int64_t* rows = nullptr;
+  int64_t count = 0;
+};
+
 // out[j] = scale * sum_k weights[k] * table[rows[k]][j] for one new row. The row is done in
 // column blocks whose float32 accumulators stay in vector registers while the entries stream
 // past, so each table byte is read once and each output byte written once.
@@ -170,9 +214,17 @@ LEP_SIMD_CLONES void reduce_row(
     const float* __restrict weights,
     int64_t count,
     float scale,
-    int64_t dim) {
+    int64_t dim,
+    Prefetch<T> next) {
+  constexpr int64_t kBlockBytes = 4 * kLanes * static_cast<int64_t>(sizeof(T));
   int64_t j0 = 0;
   for (; j0 + 4 * kLanes <= dim; j0 += 4 * kLanes) {
+    for (int64_t k = 0; k < next.count; ++k) {
+      const char* block = reinterpret_cast<const char*>(next.table + next.rows[k] * dim + j0);
+      for (int64_t b = 0; b < kBlockBytes; b += 64) {
+        __builtin_prefetch(block + b, /*rw=*/0, /*locality=*/2);
+      }
+    }
     f32x16 acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
     for (int64_t k = 0; k < count; ++k) {
       const T* row = table + rows[k] * dim + j0;
@@ -220,6 +272,26 @@ std::vector<int64_t> balanced_row_splits(const int64_t* offsets, int64_t rows, i
   return splits;
 }
 
+// Faults in the pages of [begin, end) ahead of the writes, with one system call instead of
+// one page fault per 4 KiB page (Linux 5.14+; elsewhere, or if it fails, the writes fault the
+// pages in as usual). Pages already in memory are left as they are.
+void populate_for_write(void* begin, void* end) {
+#if defined(__linux__)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(begin) + page - 1) & ~(page - 1);
+  const uintptr_t hi = reinterpret_cast<uintptr_t>(end) & ~(page - 1);
+  if (hi > lo) {
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+  }
+#else
+  (void)begin;
+  (void)end;
+#endif
+}
+
 // Shared driver. Entries whose index lies outside [row_begin, row_begin + table_rows) are
 // skipped (the TP-sharded sum); `divide_by_mass` turns sums into weighted means.
 template <typename T, typename OutT>
@@ -237,34 +309,68 @@ void segment_reduce_cpu(
     OutT* new_input,
     OutT* new_output,
     float* mass_out) {
-  const int64_t num_tasks = std::max<int64_t>(1, std::min<int64_t>(new_rows, 16 * at::get_num_threads()));
+  // Tasks are taken one at a time by whichever thread is free (on a shared machine a thread
+  // that lost its core does not hold the others up); 32 per thread keep the tail short.
+  const int64_t num_threads = at::get_num_threads();
+  const int64_t num_tasks = std::max<int64_t>(1, std::min<int64_t>(new_rows, 32 * num_threads));
   const std::vector<int64_t> splits = balanced_row_splits(offsets, new_rows, num_tasks);
-  at::parallel_for(0, num_tasks, 1, [&](int64_t task_begin, int64_t task_end) {
-    // The entries of one new row that fall in the table's slice, with their weights.
-    std::vector<int64_t> rows;
-    std::vector<float> row_weights;
-    for (int64_t row = splits[task_begin]; row < splits[task_end]; ++row) {
-      rows.clear();
-      row_weights.clear();
-      float mass = 0.0f;
-      for (int64_t k = offsets[row]; k < offsets[row + 1]; ++k) {
-        const int64_t local = indices[k] - row_begin;
-        if (local >= 0 && local < table_rows) {
-          rows.push_back(local);
-          row_weights.push_back(weights ? weights[k] : 1.0f);
-          mass += row_weights.back();
-        }
+  // Output rows populated per call: about 256 KiB of each table (L2 keeps them for the writes).
+  const int64_t populate_rows = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, dim * static_cast<int64_t>(sizeof(OutT))));
+  std::atomic<int64_t> next_task{0};
+
+  auto gather = [&](int64_t row, RowEntries& entries) {
+    entries.rows.clear();
+    entries.weights.clear();
+    entries.mass = 0.0f;
+    for (int64_t k = offsets[row]; k < offsets[row + 1]; ++k) {
+      const int64_t local = indices[k] - row_begin;
+      if (local >= 0 && local < table_rows) {
+        entries.rows.push_back(local);
+        entries.weights.push_back(weights ? weights[k] : 1.0f);
+        entries.mass += entries.weights.back();
+      }
+    }
+  };
+
+  auto run_task = [&](int64_t task, RowEntries& current, RowEntries& next) {
+    const int64_t first = splits[task], last = splits[task + 1];
+    if (first == last) {
+      return;
+    }
+    gather(first, next);
+    int64_t populated = first;
+    for (int64_t row = first; row < last; ++row) {
+      if (row == populated) {
+        populated = std::min(last, row + populate_rows);
+        populate_for_write(new_input + row * dim, new_input + populated * dim);
+        populate_for_write(new_output + row * dim, new_output + populated * dim);
+      }
+      std::swap(current, next);
+      if (row + 1 < last) {
+        gather(row + 1, next);
+      } else {
+        next.rows.clear();
       }
       // Multiplying by 1 / mass keeps rows made of one entry of weight 1 (the tokens shared
       // with the original vocabulary) bit-identical to the original row; rows without entries
       // sum to zero.
-      const float scale = divide_by_mass && mass != 0.0f ? 1.0f / mass : 1.0f;
-      const auto count = static_cast<int64_t>(rows.size());
-      reduce_row(new_input + row * dim, input_table, rows.data(), row_weights.data(), count, scale, dim);
-      reduce_row(new_output + row * dim, output_table, rows.data(), row_weights.data(), count, scale, dim);
+      const float scale = divide_by_mass && current.mass != 0.0f ? 1.0f / current.mass : 1.0f;
+      // While the input table's rows are reduced, the same rows of the output table are
+      // prefetched; while those are, the input table's rows of the next new row.
+      reduce_row(new_input + row * dim, input_table, current.rows.data(), current.weights.data(), current.count(), scale, dim,
+                 Prefetch<T>{output_table, current.rows.data(), current.count()});
+      reduce_row(new_output + row * dim, output_table, current.rows.data(), current.weights.data(), current.count(), scale, dim,
+                 Prefetch<T>{input_table, next.rows.data(), next.count()});
       if (mass_out) {
-        mass_out[row] = mass;
+        mass_out[row] = current.mass;
       }
+    }
+  };
+
+  at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
+    RowEntries current, next;
+    for (int64_t task = next_task++; task < num_tasks; task = next_task++) {
+      run_task(task, current, next);
     }
   });
 }
