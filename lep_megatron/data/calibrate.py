@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from lep_megatron.common.io import UserInputError, progress
-from lep_megatron.data.sft import check_messages, load_chat_tokenizer
+from lep_megatron.data.sft import check_messages, load_chat_tokenizer, read_json_lines
 from lep_megatron.tokenizer.corpus import corpus_files, iter_lines
 
 # the Darumeru copy task's own wording (RefalMachine/darumeru cp_sent_ru): the skill Copy-RU scores
@@ -137,39 +137,30 @@ def read_prompts(cfg: CalibrateDataConfig, counts: Counts) -> List[Tuple[str, li
         raise UserInputError(f"{err}; give the prompt JSONL ({{\"{cfg.messages_field}\": [...]}} or "
                              f"{{\"{cfg.prompt_field}\": \"...\"}} per line)") from err
     kept = []
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserInputError(f"{where}: not JSON ({e})") from e
-                if not isinstance(item, dict):
-                    raise UserInputError(f"{where}: a prompt item is a JSON object")
-                counts.prompts += 1
-                if cfg.min_score is not None:
-                    score = item.get(cfg.score_field)
-                    if isinstance(score, bool) or not isinstance(score, (int, float)):
-                        raise UserInputError(f"{where}: min_score={cfg.min_score} but the item has no numeric "
-                                             f"`{cfg.score_field}` (score_field={cfg.score_field}); fix the field "
-                                             "name or set min_score=null")
-                    if score < cfg.min_score:
-                        counts.below_min_score += 1
-                        continue
-                if cfg.messages_field in item:
-                    messages = item[cfg.messages_field]
-                elif isinstance(item.get(cfg.prompt_field), str):
-                    messages = [{"role": "user", "content": item[cfg.prompt_field]}]
-                else:
-                    raise UserInputError(f"{where}: neither `{cfg.messages_field}` (a list of system / user turns) nor "
-                                         f"`{cfg.prompt_field}` (a string); add one (or set messages_field= / prompt_field=)")
-                check_messages(messages, where, answered=False)
-                kept.append((where, messages))
-                if cfg.max_prompts is not None and len(kept) == cfg.max_prompts:
-                    return kept
+    for where, item in read_json_lines(files):
+        if not isinstance(item, dict):
+            raise UserInputError(f"{where}: a prompt item is a JSON object")
+        counts.prompts += 1
+        if cfg.min_score is not None:
+            score = item.get(cfg.score_field)
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise UserInputError(f"{where}: min_score={cfg.min_score} but the item has no numeric "
+                                     f"`{cfg.score_field}` (score_field={cfg.score_field}); fix the field "
+                                     "name or set min_score=null")
+            if score < cfg.min_score:
+                counts.below_min_score += 1
+                continue
+        if cfg.messages_field in item:
+            messages = item[cfg.messages_field]
+        elif isinstance(item.get(cfg.prompt_field), str):
+            messages = [{"role": "user", "content": item[cfg.prompt_field]}]
+        else:
+            raise UserInputError(f"{where}: neither `{cfg.messages_field}` (a list of system / user turns) nor "
+                                 f"`{cfg.prompt_field}` (a string); add one (or set messages_field= / prompt_field=)")
+        check_messages(messages, where, answered=False)
+        kept.append((where, messages))
+        if cfg.max_prompts is not None and len(kept) == cfg.max_prompts:
+            return kept
     return kept
 
 

@@ -16,7 +16,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy
 import torch
@@ -108,7 +108,8 @@ def render(tok, messages: list, where: str) -> Tuple[List[int], List[int]]:
     return enc["input_ids"], mask
 
 
-def read_conversations(files: List[str], field: str) -> Iterator[Tuple[str, list]]:
+def read_json_lines(files) -> Iterator[Tuple[str, Any]]:
+    """("file:line", parsed value) of each non-empty line of JSONL files."""
     for path in files:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -116,12 +117,16 @@ def read_conversations(files: List[str], field: str) -> Iterator[Tuple[str, list
                     continue
                 where = f"{path}:{n}"
                 try:
-                    record = json.loads(line)
+                    yield where, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserInputError(f"{where}: not JSON ({e})") from e
-                if not isinstance(record, dict) or field not in record:
-                    raise UserInputError(f"{where}: no `{field}` field (messages_field={field})")
-                yield where, record[field]
+
+
+def read_conversations(files: List[str], field: str) -> Iterator[Tuple[str, list]]:
+    for where, record in read_json_lines(files):
+        if not isinstance(record, dict) or field not in record:
+            raise UserInputError(f"{where}: no `{field}` field (messages_field={field})")
+        yield where, record[field]
 
 
 def build_sft_data(cfg: SFTDataConfig) -> Path:
