@@ -4,6 +4,10 @@ Layout of a checkpoint directory:
     <dir>/                 dist_checkpointing (torch_dist) files: resharded on load to any TP/PP
     <dir>/lep_model.json   CheckpointMeta: HF config, true and padded vocabulary, dtype
     <dir>/hf/              config.json, generation config and tokenizer files for HF export
+
+A trainable-only checkpoint (what a frozen-body run saves) holds the tensors that train and
+names its base_checkpoint for the rest; every reader here (load_model, CheckpointTensors)
+follows that reference, so export, propagation, eval and resume take either kind.
 """
 import contextlib
 import json
@@ -11,15 +15,19 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
+                                                            get_default_save_sharded_strategy)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
+                                                                        FullyParallelSaveStrategyWrapper)
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
@@ -51,6 +59,12 @@ class CheckpointMeta:
     lora: Optional[dict] = None
     """LoRA adapters in the checkpoint (lep_megatron.models.lora.LoRAConfig as a dict: rank,
     alpha, layers, ...); None: none. Export merges them (or writes them as a peft adapter)."""
+    base_checkpoint: Optional[str] = None
+    """Absolute path of the checkpoint that holds the tensors this one does not (a trainable-only
+    checkpoint of a frozen-body run; the base may itself be one); None: self-contained."""
+    trained_tensors: Optional[List[str]] = None
+    """Checkpoint keys of the model tensors stored here when base_checkpoint is set (the
+    trainable ones); every other model tensor is read from base_checkpoint."""
 
     @property
     def shape(self) -> HFModelShape:
@@ -79,6 +93,21 @@ class CheckpointMeta:
         return cls(**json.loads(path.read_text()))
 
 
+def checkpoint_chain(ckpt_dir: Path) -> List[Tuple[Path, CheckpointMeta]]:
+    """(directory, meta) of a checkpoint and of the base checkpoints it refers to, itself first."""
+    chain = [(Path(ckpt_dir), CheckpointMeta.read(ckpt_dir))]
+    while chain[-1][1].base_checkpoint is not None:
+        referrer, base = chain[-1][0], Path(chain[-1][1].base_checkpoint)
+        if not (base / META_NAME).is_file():
+            raise UserInputError(f"{referrer} holds only the tensors that trained; the rest are in its base checkpoint "
+                                 f"{base} (named in {referrer / META_NAME}), which is missing: restore it there, or "
+                                 "save self-contained checkpoints with train.save_frozen_weights=true")
+        if any(base.resolve() == d.resolve() for d, _ in chain):
+            raise UserInputError(f"{referrer / META_NAME}: base_checkpoint {base} refers back to the chain {chain[0][0]}")
+        chain.append((base, CheckpointMeta.read(base)))
+    return chain
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint dir itself, or a `lep-megatron pretrain` run dir -> the checkpoint its
     checkpoints/latest pointer names (what a later stage of a pipeline reads)."""
@@ -94,14 +123,51 @@ def _rank() -> int:
 
 
 def save_model(model, out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = None,
-               overwrite: bool = False, extra_state=None) -> None:
+               overwrite: bool = False, extra_state=None, base_checkpoint: Optional[Path] = None) -> None:
     """Collectively save `model` (this rank's stage/shard) to `out_dir`, atomically;
     `extra_state(model_sharded_state_dict) -> dict` (e.g. a trainer's optimizer and scheduler)
-    is saved beside the model's tensors."""
+    is saved beside the model's tensors. With `base_checkpoint`, only the parameters that
+    require grad are written and the checkpoint refers to the base for the others."""
+    model_state = model.sharded_state_dict()
+    if base_checkpoint is not None:
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        model_state = {name: entry for name, entry in model_state.items() if name in trainable}
+        keys = [entry.key for entry in model_state.values()]
+        if dist.is_initialized():  # each pipeline stage holds its own tensors; the meta lists them all
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, keys)
+            keys = [key for rank_keys in every for key in rank_keys]
+        meta = replace(meta, base_checkpoint=str(Path(base_checkpoint).absolute()), trained_tensors=sorted(set(keys)))
     with partial_checkpoint_dir(out_dir, meta, hf_side_dir, overwrite) as partial:
-        model_state = model.sharded_state_dict()
         extra = extra_state(model_state) if extra_state else {}
-        dist_checkpointing.save({"model": model_state, **extra}, str(partial))
+        dist_checkpointing.save({"model": model_state, **extra}, str(partial), sharded_strategy=_save_strategy())
+
+
+def _data_parallel_group():
+    """The group over which ranks hold the same shards (None: one rank, or no megatron groups)."""
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _save_strategy():
+    """Megatron's fully-parallel save: the data-parallel replicas split the writing of their
+    shared shards instead of the first replica writing them all."""
+    group = _data_parallel_group()
+    if group is None:
+        return None
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+
+
+def load_sharded(request: dict, ckpt_dir: Path) -> dict:
+    """dist_checkpointing.load with megatron's fully-parallel load: each data-parallel replica
+    reads a share of the shards and they exchange the rest."""
+    group = _data_parallel_group()
+    strategy = None
+    if group is not None:
+        strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(ckpt_dir)), group)
+    return dist_checkpointing.load(request, str(ckpt_dir), sharded_strategy=strategy)
 
 
 @contextlib.contextmanager
@@ -132,10 +198,26 @@ def partial_checkpoint_dir(out_dir: Path, meta: CheckpointMeta, hf_side_dir: Pat
     _barrier()
 
 
+def split_by_source(model_state: dict, ckpt_dir: Path) -> List[Tuple[Path, dict]]:
+    """A model's sharded state dict split by the checkpoint of the chain that stores each entry:
+    [(directory, entries)], the entries that trained first."""
+    parts, rest = [], dict(model_state)
+    for directory, meta in checkpoint_chain(ckpt_dir):
+        held = set(meta.trained_tensors) if meta.base_checkpoint is not None else None
+        mine = {name: entry for name, entry in rest.items() if held is None or entry.key in held}
+        if mine:
+            parts.append((directory, mine))
+        rest = {name: entry for name, entry in rest.items() if name not in mine}
+    return parts
+
+
 def load_model(model, ckpt_dir: Path) -> None:
-    """Load this rank's part of `model` from a checkpoint saved at any TP/PP."""
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
-    model.load_state_dict(state["model"])
+    """Load this rank's part of `model` from a checkpoint saved at any TP/PP (a trainable-only
+    one too: its base checkpoints supply the other tensors)."""
+    parts = split_by_source(model.sharded_state_dict(), ckpt_dir)
+    for directory, request in parts:
+        state = load_sharded({"model": request}, directory)
+        model.load_state_dict(state["model"], strict=len(parts) == 1)
 
 
 def _barrier() -> None:
@@ -178,9 +260,14 @@ class CheckpointTensors(Mapping):
     def __init__(self, ckpt_dir: Path, shapes_only: bool = False):
         self.ckpt_dir = str(ckpt_dir)
         self.shapes_only = shapes_only
-        self.num_layers = CheckpointMeta.read(ckpt_dir).shape.num_layers
-        self.stored = {k: v for k, v in dist_checkpointing.load_tensors_metadata(self.ckpt_dir).items()
-                       if isinstance(v, ShardedTensor)}
+        chain = checkpoint_chain(ckpt_dir)
+        self.num_layers = chain[0][1].shape.num_layers
+        # a trainable-only checkpoint's tensors, then its bases' for the rest
+        self.stored, self.source = {}, {}
+        for directory, _ in chain:
+            for key, value in dist_checkpointing.load_tensors_metadata(str(directory)).items():
+                if isinstance(value, ShardedTensor) and key not in self.stored:
+                    self.stored[key], self.source[key] = value, str(directory)
 
     def _locate(self, name: str):
         """(stored key, layer index within a stacked key or None), or None when absent."""
@@ -211,7 +298,7 @@ class CheckpointTensors(Mapping):
         if self.shapes_only:
             return torch.empty(shape if layer is None else shape[1:], dtype=dtype, device="meta")
         buffer = torch.empty(shape, dtype=dtype)
-        dcp.load({key: buffer}, storage_reader=dcp.FileSystemReader(self.ckpt_dir),
+        dcp.load({key: buffer}, storage_reader=dcp.FileSystemReader(self.source[key]),
                  planner=_BoxLoadPlanner(key, offsets, buffer))
         return buffer if layer is None else buffer[0]
 

@@ -44,6 +44,10 @@ PATCHED_MODULES = {
         "save verification all-reduces flags created on the CUDA device",
     "megatron.core.dist_checkpointing.strategies.async_utils":
         "synchronous saves call torch.cuda.synchronize()",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel":
+        "the fully-parallel load calls torch.cuda.synchronize() around its exchange",
+    "megatron.core.dist_checkpointing.exchange_utils":
+        "the fully-parallel load exchanges loaded shards through buffers made with device='cuda'",
 }
 
 # "module:Class.method" -> why: methods that call Tensor.cuda(), which a module-level `torch`
@@ -51,6 +55,17 @@ PATCHED_MODULES = {
 TENSOR_CUDA_METHODS = {
     "megatron.core.models.common.language_module.language_module:LanguageModule.setup_embeddings_and_output_layer":
         "ties the pipeline-split embedding copies with weight.data.cuda()",
+    "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_broadcast":
+        "moves each loaded shard with .cuda() before broadcasting it to the other data-parallel ranks",
+    "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_gather_rounds":
+        "moves each loaded shard with .cuda() before gathering it",
+}
+
+# "module:Class.method" -> why: methods called with device="cuda" as an argument; on the CPU
+# that argument means the CPU
+CUDA_DEVICE_ARGUMENT = {
+    "megatron.core.dist_checkpointing.mapping:ShardedTensor.init_data":
+        "the fully-parallel load allocates the shards a rank receives with init_data('cuda')",
 }
 
 # "module:function" or "module:Class.method" -> why: code that asserts
@@ -72,7 +87,7 @@ CUDA_RNG_STATE_FUNCTIONS = {
         "with its stack trace, for a CUDA initialisation that never comes)",
 }
 
-_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "as_tensor")
+_FACTORIES = ("empty", "empty_like", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "as_tensor")
 
 
 def _cpu_device(device):
@@ -178,6 +193,14 @@ def _replace_everywhere(module, qualname: str, wrap) -> None:
             setattr(other, qualname, wrapped)
 
 
+def _with_cuda_argument_as_cpu(method):
+    @functools.wraps(method)
+    def wrapper(self, device, *args, **kwargs):
+        return method(self, _cpu_device(device), *args, **kwargs)
+
+    return wrapper
+
+
 def _no_cuda_generator(*args, **kwargs):
     """Getting or setting the state of a CUDA generator that does not exist: an empty state."""
     return torch.empty(0, dtype=torch.uint8)
@@ -215,6 +238,7 @@ def apply() -> bool:
             log.debug("CPU fallback for %s: %s", name, reason)
         for table, wrap in ((TENSOR_CUDA_METHODS, _with_tensor_cuda_as_identity),
                             (TENSOR_TYPE_AS_CUDA, _with_tensor_type_as_cuda),
+                            (CUDA_DEVICE_ARGUMENT, _with_cuda_argument_as_cpu),
                             (CUDA_RNG_STATE_FUNCTIONS, lambda original: _no_cuda_generator)):
             for path, reason in table.items():
                 module_name, qualname = path.split(":")

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,7 +28,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta, load_model, save_model
+from lep_megatron.checkpoint.megatron_io import (HF_SUBDIR, CheckpointMeta, load_model, load_sharded, save_model,
+                                                split_by_source)
 from lep_megatron.common.io import UserInputError
 from lep_megatron.compat import optimizer_resume
 from lep_megatron.models import build_stage_model
@@ -37,6 +39,7 @@ from lep_megatron.parallel import init_distributed
 from lep_megatron.training.flops import step_flops
 from lep_megatron.training.freeze import POLICIES, apply_freeze, lora_config
 from lep_megatron.training.plan import RECOMPUTE_SETTINGS
+from lep_megatron.training.preemption import ResumableExit, StopWatch
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,20 @@ class TrainConfig:
     """Print a progress line every N steps."""
     save_every: int = 0
     """Checkpoint every N steps (0: only after the last step); out_dir/checkpoints/step_NNNNNNN."""
+    save_interval_minutes: float = 30.0
+    """Also checkpoint once this many minutes passed since the last save (0: off), so that a
+    crash or a kill loses at most this much work whatever the step time."""
+    exit_duration_minutes: float = 0.0
+    """Save and exit (code 75: launch/pretrain.sh requeues) once this many minutes passed since
+    the process started; set it a little below the job's --time so that a run never depends on
+    the signal alone. 0: no budget."""
+    keep_last: int = 3
+    """Keep the newest N checkpoints of out_dir/checkpoints and delete older ones once a newer one
+    is complete (0: keep every checkpoint)."""
+    save_frozen_weights: bool = False
+    """Also write the frozen parameters into every checkpoint (self-contained, as big as the
+    model); false: a checkpoint holds the trainable tensors, their optimizer state, scheduler,
+    RNG and step, and names train.checkpoint as its base for the frozen ones."""
     exit_after: int = 0
     """Stop after this step, once its checkpoint is saved (time-limited jobs); 0: run all steps."""
     resume: bool = True
@@ -133,6 +150,9 @@ class TrainConfig:
         parse_dtype(self.dtype, "train.dtype")
         if self.recompute not in RECOMPUTE_SETTINGS:
             raise UserInputError(f"train.recompute={self.recompute!r}: choose one of {list(RECOMPUTE_SETTINGS)}")
+        for key in ("save_interval_minutes", "exit_duration_minutes", "keep_last"):
+            if getattr(self, key) < 0:
+                raise UserInputError(f"train.{key}={getattr(self, key)} must be >= 0 (0 turns it off)")
 
     def lora(self) -> Optional[LoRAConfig]:
         """The adapters the trainable policy inserts (None: none)."""
@@ -258,8 +278,12 @@ def checkpoint_dir(cfg: TrainConfig, step: int) -> Path:
 
 
 def save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, meta: CheckpointMeta) -> Path:
-    """Model, optimizer and scheduler at `step`, written aside and renamed; then `latest` moves."""
+    """Model (the trainable tensors, or all with train.save_frozen_weights), optimizer and
+    scheduler at `step`, written aside and renamed; then `latest` moves and checkpoints beyond
+    train.keep_last are deleted."""
     out = checkpoint_dir(cfg, step)
+    everything_trains = all(p.requires_grad for p in model.module.parameters())
+    base = None if cfg.save_frozen_weights or everything_trains else cfg.checkpoint
 
     def trainer_state(model_state):
         return {"optimizer": optimizer.sharded_state_dict(model_state, is_loading=False, metadata=OPTIMIZER_METADATA),
@@ -267,14 +291,27 @@ def save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, me
                 "rng": _rng_object(rng_state()), "rng_world_size": dist.get_world_size()}
 
     save_model(model.module, out, meta, hf_side_dir=Path(cfg.checkpoint) / HF_SUBDIR, overwrite=True,
-               extra_state=trainer_state)
+               extra_state=trainer_state, base_checkpoint=base)
     if dist.get_rank() == 0:
         pointer = out.parent / LATEST
         tmp = pointer.with_suffix(".tmp")
         tmp.write_text(out.name + "\n")
         os.replace(tmp, pointer)
+        if cfg.keep_last:
+            prune_checkpoints(out.parent, step, cfg.keep_last)
     dist.barrier()
     return out
+
+
+def prune_checkpoints(checkpoints: Path, latest_step: int, keep_last: int) -> None:
+    """Delete complete checkpoints older than the newest `keep_last` and half-written ones of
+    steps up to `latest_step` (rank 0, once `latest` names a complete newer one)."""
+    complete = sorted(p for p in checkpoints.glob("step_???????") if p.is_dir())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in checkpoints.glob("step_???????.partial"):
+        if int(partial.name[5:12]) <= latest_step:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def resume_step(cfg: TrainConfig, model, optimizer, scheduler) -> int:
@@ -286,14 +323,16 @@ def resume_step(cfg: TrainConfig, model, optimizer, scheduler) -> int:
     if cfg.use_distributed_optimizer:
         optimizer_resume.initialise_state(model, optimizer)
     model_state = model.module.sharded_state_dict()
-    request = {"model": model_state,
+    # a trainable-only checkpoint: the frozen tensors were loaded from its base in build()
+    held = split_by_source(model_state, ckpt)[0]
+    request = {"model": held[1] if held[0] == ckpt else {},
                "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)}
     # RNG states are per rank: they continue only on as many ranks as wrote them
     same_ranks = dist_checkpointing.load_common_state_dict(str(ckpt)).get("rng_world_size") == dist.get_world_size()
     if same_ranks:
         request["rng"] = _rng_object(None)
-    state = dist_checkpointing.load(request, str(ckpt))
-    model.module.load_state_dict(state["model"])
+    state = load_sharded(request, ckpt)
+    model.module.load_state_dict(state["model"], strict=len(request["model"]) == len(model_state))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if same_ranks:
@@ -345,7 +384,6 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
     every step, known on every rank; the trained DDP-wrapped model)."""
     model, optimizer, scheduler, meta = build(cfg)
     n_micro = num_microbatches(cfg)
-    forward_backward = get_forward_backward_func()
     out_dir = Path(cfg.out_dir)
     tensorboard = None
     if dist.get_rank() == 0:
@@ -364,65 +402,97 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
         meta.shape, cfg.seq_length, body_trainable=cfg.trainable == "full",
         lora_rank=lora.rank if lora else 0,
         lora_layers=len(adapted_layers(lora, meta.shape.num_layers)) if lora else 0).per_token * tokens_per_step
-    for step in range(first_step, cfg.steps + 1):
-        start = time.perf_counter()
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        reduced = forward_backward(
-            forward_step_func=_forward_step(cfg.seq_length), data_iterator=batches(step), model=[model],
-            num_microbatches=n_micro, seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
-            forward_only=False,
-        )
-        lr = optimizer.param_groups[0]["lr"]
-        loss = _mean_loss(reduced)
-        losses.append(loss)
-        if guard.skip(loss):
-            grad_norm = None  # the gradients of this batch are dropped; the schedule does not advance
-        else:
-            _, grad_norm, _ = optimizer.step()
-            scheduler.step(increment=1)
-        elapsed = time.perf_counter() - start
-        if dist.get_rank() == 0:
-            tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
-            record = {"step": step, "loss": loss, "lr": lr, "skipped": guard.skipped_in_a_row > 0,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
-                      "tflops_per_device": tflops, "peak_memory_gib": peak_memory_gib()}
-            if cfg.peak_tflops_per_device:
-                record["mfu"] = tflops / cfg.peak_tflops_per_device
-        if valid_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            valid_loss = evaluate(model, cfg, valid_batches)
-            if dist.get_rank() == 0:
-                record["valid_loss"] = valid_loss
-                print(f"step {step}/{cfg.steps} validation loss {valid_loss:.4f}", flush=True)
-        for hook in hooks:
-            if hook.every and (step % hook.every == 0 or step == cfg.steps):
-                model.eval()
-                with torch.no_grad():
-                    metrics = hook(step, model)
-                model.train()
+    # signals and the wall-clock budget stop training at a checkpoint (ResumableExit: exit code 75)
+    with StopWatch(cfg.exit_duration_minutes, cfg.save_interval_minutes) as watch:
+        try:
+            for step in range(first_step, cfg.steps + 1):
+                record = _train_step(cfg, step, model, optimizer, scheduler, batches, n_micro, guard, losses,
+                                     tokens_per_step, flops_per_step)
+                record.update(_evaluations(cfg, step, model, valid_batches, hooks))
                 if dist.get_rank() == 0:
-                    record.update(metrics)
-        if dist.get_rank() == 0:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                    _log_step(cfg, record, out_dir, tensorboard)
+                decision = watch.decide()
+                stopping = step == cfg.exit_after or decision.stop is not None
+                if (step == cfg.steps or stopping or decision.save
+                        or (cfg.save_every and step % cfg.save_every == 0)):
+                    save_checkpoint(cfg, step, model, optimizer, scheduler, meta)
+                    watch.saved()
+                if decision.stop is not None:
+                    stop = ResumableExit(step, decision.stop)
+                    if dist.get_rank() == 0:
+                        print(f"{stop}: run the same command again (a SLURM job requeues itself)", flush=True)
+                    raise stop
+                if stopping:
+                    break
+        finally:
             if tensorboard is not None:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)):  # bools as 0/1; None (skipped) left out
-                        tensorboard.add_scalar(key, value, step)
-                tensorboard.flush()
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
-                print(f"step {step}/{cfg.steps} loss {loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s "
-                      f"{tflops:.3g} TFLOP/s/device{mfu} mem {record['peak_memory_gib']:.2f} GiB", flush=True)
-        stopping = step == cfg.exit_after
-        if step == cfg.steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
-            save_checkpoint(cfg, step, model, optimizer, scheduler, meta)
-        if stopping:
-            break
-    if tensorboard is not None:
-        tensorboard.close()
+                tensorboard.close()
     return losses, model
+
+
+def _train_step(cfg: TrainConfig, step: int, model, optimizer, scheduler, batches, n_micro: int, guard, losses: list,
+                tokens_per_step: int, flops_per_step: float) -> dict:
+    """One optimizer step (or a skipped one); its metrics record (filled on rank 0)."""
+    start = time.perf_counter()
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    reduced = get_forward_backward_func()(
+        forward_step_func=_forward_step(cfg.seq_length), data_iterator=batches(step), model=[model],
+        num_microbatches=n_micro, seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
+        forward_only=False,
+    )
+    lr = optimizer.param_groups[0]["lr"]
+    loss = _mean_loss(reduced)
+    losses.append(loss)
+    if guard.skip(loss):
+        grad_norm = None  # the gradients of this batch are dropped; the schedule does not advance
+    else:
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+    elapsed = time.perf_counter() - start
+    if dist.get_rank() != 0:
+        return {}
+    tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
+    record = {"step": step, "loss": loss, "lr": lr, "skipped": guard.skipped_in_a_row > 0,
+              "grad_norm": float(grad_norm) if grad_norm is not None else None,
+              "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
+              "tflops_per_device": tflops, "peak_memory_gib": peak_memory_gib()}
+    if cfg.peak_tflops_per_device:
+        record["mfu"] = tflops / cfg.peak_tflops_per_device
+    return record
+
+
+def _evaluations(cfg: TrainConfig, step: int, model, valid_batches, hooks: Sequence[StepHook]) -> dict:
+    """The validation loss and the hooks' metrics due at `step` (known on rank 0)."""
+    metrics = {}
+    if valid_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        metrics["valid_loss"] = evaluate(model, cfg, valid_batches)
+        if dist.get_rank() == 0:
+            print(f"step {step}/{cfg.steps} validation loss {metrics['valid_loss']:.4f}", flush=True)
+    for hook in hooks:
+        if hook.every and (step % hook.every == 0 or step == cfg.steps):
+            model.eval()
+            with torch.no_grad():
+                metrics.update(hook(step, model))
+            model.train()
+    return metrics
+
+
+def _log_step(cfg: TrainConfig, record: dict, out_dir: Path, tensorboard) -> None:
+    """Rank 0: metrics.jsonl, TensorBoard, the progress line."""
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if tensorboard is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):  # bools as 0/1; None (skipped) left out
+                tensorboard.add_scalar(key, value, record["step"])
+        tensorboard.flush()
+    step = record["step"]
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
+        print(f"step {step}/{cfg.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} "
+              f"tok/s {record['tflops_per_device']:.3g} TFLOP/s/device{mfu} mem {record['peak_memory_gib']:.2f} GiB",
+              flush=True)
 
 
 class LossGuard:
