@@ -10,6 +10,7 @@ names its base_checkpoint for the rest; every reader here (load_model, Checkpoin
 follows that reference, so export, propagation, eval and resume take either kind.
 """
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -123,11 +124,15 @@ def _rank() -> int:
 
 
 def save_model(model, out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = None,
-               overwrite: bool = False, extra_state=None, base_checkpoint: Optional[Path] = None) -> None:
+               overwrite: bool = False, extra_state=None, base_checkpoint: Optional[Path] = None,
+               async_queue=None, then: Sequence[Callable[[], None]] = ()) -> None:
     """Collectively save `model` (this rank's stage/shard) to `out_dir`, atomically;
     `extra_state(model_sharded_state_dict) -> dict` (e.g. a trainer's optimizer and scheduler)
     is saved beside the model's tensors. With `base_checkpoint`, only the parameters that
-    require grad are written and the checkpoint refers to the base for the others."""
+    require grad are written and the checkpoint refers to the base for the others. With
+    `async_queue` (megatron's AsyncCallsQueue) the shards are written by a background process and
+    the directory is renamed into place, then `then` runs (collectively), when the queue
+    finalizes the save; without it, the save is complete on return (the caller runs `then`)."""
     model_state = model.sharded_state_dict()
     if base_checkpoint is not None:
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -138,9 +143,21 @@ def save_model(model, out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = N
             dist.all_gather_object(every, keys)
             keys = [key for rank_keys in every for key in rank_keys]
         meta = replace(meta, base_checkpoint=str(Path(base_checkpoint).absolute()), trained_tensors=sorted(set(keys)))
-    with partial_checkpoint_dir(out_dir, meta, hf_side_dir, overwrite) as partial:
-        extra = extra_state(model_state) if extra_state else {}
-        dist_checkpointing.save({"model": model_state, **extra}, str(partial), sharded_strategy=_save_strategy())
+    extra = extra_state(model_state) if extra_state else {}
+    if async_queue is None:
+        with partial_checkpoint_dir(out_dir, meta, hf_side_dir, overwrite) as partial:
+            dist_checkpointing.save({"model": model_state, **extra}, str(partial), sharded_strategy=_save_strategy())
+        return
+    partial = begin_partial(out_dir, overwrite)
+    # megatron-core >= 0.17 defaults to NVIDIA's resiliency extension for async saves; its own
+    # implementation (what 0.16 always uses) goes with its own AsyncCallsQueue
+    own = {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}
+    request = dist_checkpointing.save({"model": model_state, **extra}, str(partial), sharded_strategy=_save_strategy(),
+                                      async_sharded_save=True, **own)
+    request.add_finalize_fn(lambda: finish_partial(partial, out_dir, meta, hf_side_dir))
+    for fn in then:
+        request.add_finalize_fn(fn)
+    async_queue.schedule_async_request(request)
 
 
 def _data_parallel_group():
@@ -176,8 +193,13 @@ def partial_checkpoint_dir(out_dir: Path, meta: CheckpointMeta, hf_side_dir: Pat
     """Collectively: yields `<out_dir>.partial` for every rank to write the dist checkpoint into;
     then rank 0 adds lep_model.json and hf/ and renames it to `out_dir` once every rank is done,
     so a save killed half-way leaves only a `.partial` directory behind."""
-    from lep_megatron.checkpoint.hf_io import copy_side_files
+    partial = begin_partial(out_dir, overwrite)
+    yield partial
+    finish_partial(partial, out_dir, meta, hf_side_dir)
 
+
+def begin_partial(out_dir: Path, overwrite: bool = False) -> Path:
+    """Collectively: a fresh `<out_dir>.partial` directory for every rank to write into."""
     out_dir = Path(out_dir).absolute()
     partial = out_dir.with_name(out_dir.name + ".partial")
     if _rank() == 0:
@@ -185,7 +207,15 @@ def partial_checkpoint_dir(out_dir: Path, meta: CheckpointMeta, hf_side_dir: Pat
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    yield partial
+    return partial
+
+
+def finish_partial(partial: Path, out_dir: Path, meta: CheckpointMeta, hf_side_dir: Path = None) -> None:
+    """Collectively, once every rank's writes into `partial` are complete: rank 0 adds
+    lep_model.json and hf/ and renames it to `out_dir`."""
+    from lep_megatron.checkpoint.hf_io import copy_side_files
+
+    out_dir = Path(out_dir).absolute()
     if _rank() == 0:
         meta.write(partial)
         (partial / HF_SUBDIR).mkdir()

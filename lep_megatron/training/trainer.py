@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -114,6 +115,10 @@ class TrainConfig:
     """Also write the frozen parameters into every checkpoint (self-contained, as big as the
     model); false: a checkpoint holds the trainable tensors, their optimizer state, scheduler,
     RNG and step, and names train.checkpoint as its base for the frozen ones."""
+    async_save: bool = False
+    """Write checkpoints from a background process (megatron's async save): training goes on
+    while the shards are written, `latest` moves once every rank has finished. Costs a host-memory
+    copy of what is saved while it is written."""
     exit_after: int = 0
     """Stop after this step, once its checkpoint is saved (time-limited jobs); 0: run all steps."""
     resume: bool = True
@@ -277,10 +282,12 @@ def checkpoint_dir(cfg: TrainConfig, step: int) -> Path:
     return Path(cfg.out_dir) / "checkpoints" / f"step_{step:07d}"
 
 
-def save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, meta: CheckpointMeta) -> Path:
+def save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, meta: CheckpointMeta,
+                    async_queue=None) -> Path:
     """Model (the trainable tensors, or all with train.save_frozen_weights), optimizer and
     scheduler at `step`, written aside and renamed; then `latest` moves and checkpoints beyond
-    train.keep_last are deleted."""
+    train.keep_last are deleted. With `async_queue` the writing goes on in the background and
+    the rest happens when the queue finalizes it."""
     out = checkpoint_dir(cfg, step)
     everything_trains = all(p.requires_grad for p in model.module.parameters())
     base = None if cfg.save_frozen_weights or everything_trains else cfg.checkpoint
@@ -290,16 +297,22 @@ def save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, me
                 "scheduler": scheduler.state_dict(), "step": step,
                 "rng": _rng_object(rng_state()), "rng_world_size": dist.get_world_size()}
 
+    def publish():  # collectively, once the checkpoint is complete on every rank
+        if dist.get_rank() == 0:
+            pointer = out.parent / LATEST
+            tmp = pointer.with_suffix(".tmp")
+            tmp.write_text(out.name + "\n")
+            os.replace(tmp, pointer)
+            if cfg.keep_last:
+                prune_checkpoints(out.parent, step, cfg.keep_last)
+        dist.barrier()
+
+    if async_queue is not None:  # one save in flight at a time: its host copy of the tensors is freed first
+        async_queue.maybe_finalize_async_calls(blocking=True)
     save_model(model.module, out, meta, hf_side_dir=Path(cfg.checkpoint) / HF_SUBDIR, overwrite=True,
-               extra_state=trainer_state, base_checkpoint=base)
-    if dist.get_rank() == 0:
-        pointer = out.parent / LATEST
-        tmp = pointer.with_suffix(".tmp")
-        tmp.write_text(out.name + "\n")
-        os.replace(tmp, pointer)
-        if cfg.keep_last:
-            prune_checkpoints(out.parent, step, cfg.keep_last)
-    dist.barrier()
+               extra_state=trainer_state, base_checkpoint=base, async_queue=async_queue, then=[publish])
+    if async_queue is None:
+        publish()
     return out
 
 
@@ -403,9 +416,12 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
         lora_rank=lora.rank if lora else 0,
         lora_layers=len(adapted_layers(lora, meta.shape.num_layers)) if lora else 0).per_token * tokens_per_step
     # signals and the wall-clock budget stop training at a checkpoint (ResumableExit: exit code 75)
+    saves = AsyncCallsQueue() if cfg.async_save else None
     with StopWatch(cfg.exit_duration_minutes, cfg.save_interval_minutes) as watch:
         try:
             for step in range(first_step, cfg.steps + 1):
+                if saves is not None:  # publish a background save that has finished
+                    saves.maybe_finalize_async_calls(blocking=False)
                 record = _train_step(cfg, step, model, optimizer, scheduler, batches, n_micro, guard, losses,
                                      tokens_per_step, flops_per_step)
                 record.update(_evaluations(cfg, step, model, valid_batches, hooks))
@@ -415,19 +431,28 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
                 stopping = step == cfg.exit_after or decision.stop is not None
                 if (step == cfg.steps or stopping or decision.save
                         or (cfg.save_every and step % cfg.save_every == 0)):
-                    save_checkpoint(cfg, step, model, optimizer, scheduler, meta)
+                    save_checkpoint(cfg, step, model, optimizer, scheduler, meta, saves)
                     watch.saved()
                 if decision.stop is not None:
+                    _finish_saves(saves)
                     stop = ResumableExit(step, decision.stop)
                     if dist.get_rank() == 0:
                         print(f"{stop}: run the same command again (a SLURM job requeues itself)", flush=True)
                     raise stop
                 if stopping:
                     break
+            _finish_saves(saves)
         finally:
             if tensorboard is not None:
                 tensorboard.close()
     return losses, model
+
+
+def _finish_saves(saves) -> None:
+    """Wait for the background saves (collectively) and publish them."""
+    if saves is not None:
+        saves.maybe_finalize_async_calls(blocking=True)
+        saves.close()
 
 
 def _train_step(cfg: TrainConfig, step: int, model, optimizer, scheduler, batches, n_micro: int, guard, losses: list,

@@ -1,7 +1,8 @@
 """torchrun worker of test_preemption.py (2 gloo ranks, data-parallel): an uninterrupted run; the
 same run with SIGUSR1 sent to rank 1 alone during step 3 (the ranks agree, checkpoint step 3 and
 raise ResumableExit), resumed from its trainable-only checkpoint; the same with
-train.save_frozen_weights=true (a full checkpoint); a wall-clock budget that runs out after the
+train.save_frozen_weights=true (a full checkpoint); with background saves after every step
+(train.async_save); a wall-clock budget that runs out after the
 first step; time-based saves every step with keep_last=2."""
 import json
 import os
@@ -40,7 +41,8 @@ def main() -> None:
         return None
 
     result = {"straight": train(config("straight"), tokens)[0]}
-    for name, kw in (("trainable_only", {}), ("full", {"save_frozen_weights": True})):
+    for name, kw in (("trainable_only", {}), ("full", {"save_frozen_weights": True}),
+                     ("async", {"async_save": True, "save_every": 1})):
         stop = interrupted(config(name, **kw), signalled)
         rest = train(config(name, **kw), tokens)[0]
         result[name] = {"stop": stop, "rest": rest}

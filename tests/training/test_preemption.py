@@ -1,7 +1,7 @@
 """Preemption and time limits (2 gloo ranks): a signal to one rank stops both after the same step
 with a checkpoint and exit code 75; resuming gives an uninterrupted run's losses bit for bit, from
 a trainable-only checkpoint (no body tensor in it, its bytes those of the trainable tensors and
-their optimizer state) as from a full one; the wall-clock budget stops a run; time-based saves
+their optimizer state) as from a full one and with background (async) saves; the wall-clock budget stops a run; time-based saves
 keep only the newest train.keep_last checkpoints."""
 import json
 from pathlib import Path
@@ -31,7 +31,7 @@ def distcp_bytes(ckpt: Path) -> int:
     return sum(f.stat().st_size for f in ckpt.glob("*.distcp"))
 
 
-@pytest.mark.parametrize("kind", ["trainable_only", "full"])
+@pytest.mark.parametrize("kind", ["trainable_only", "full", "async"])
 def test_signal_checkpoints_and_resumes_exactly(runs, kind):
     d, result = runs
     stop = result[kind]["stop"]
@@ -63,6 +63,15 @@ def test_trainable_only_checkpoint_holds_what_trains(runs):
     assert through[name].equal(base[name]) and through[name].equal(whole[name])
     table = "embedding.word_embeddings.weight"
     assert through[table].equal(whole[table]) and not through[table].equal(base[table])
+
+
+def test_async_saves_complete_and_pruned(runs):
+    d, _ = runs
+    checkpoints = d / "runs" / "async" / "checkpoints"
+    # a save per step, the newest 3 kept (keep_last's default), none half-written, latest the last
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0000004", "step_0000005", "step_0000006"]
+    assert (checkpoints / "latest").read_text().strip() == "step_0000006"
+    assert CheckpointMeta.read(checkpoints / "step_0000006").base_checkpoint is not None
 
 
 def test_budget_and_time_based_saves(runs):
