@@ -8,7 +8,8 @@ The documents of each corpus are cut into contiguous shards, one per process: pr
 this node (multiprocessing) and, under an MPI launch (mpi4py), those of every rank. Each shard
 writes partial indexes; rank 0 concatenates them in shard order with
 IndexedDatasetBuilder.add_index, so the output is byte-identical for any number of processes.
-Across nodes, out_dir must lie on a filesystem that every rank sees.
+Across nodes, out_dir must lie on a filesystem that every rank sees. Tasks of an srun step that do
+not form one MPI world (no PMI: every task would build the whole dataset) are refused.
 
 out_dir/dataset.json records the tokenizer's fingerprint (the trainer refuses data built with
 another tokenizer), the blend weights and the counts; out_dir/<corpus>_<split>.bin/.idx hold
@@ -42,6 +43,9 @@ META_FILE = "dataset.json"
 SPLITS = ("train", "valid")
 # environment variables an MPI launcher (mpiexec of MPICH/Open MPI, srun --mpi) sets in every rank
 MPI_LAUNCH_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+# tasks of the srun job step this process is one of; srun sets it in every task, the batch script
+# of sbatch has none (its SLURM_NTASKS is the allocation's, while it runs as one process)
+SLURM_STEP_TASKS = "SLURM_STEP_NUM_TASKS"
 
 
 @dataclass
@@ -209,6 +213,31 @@ def mpi_comm(launcher: str):
     return MPI.COMM_WORLD
 
 
+def check_slurm_world(size: int, launcher: str) -> None:
+    """Refuse an srun step whose tasks did not join one MPI world of them all.
+
+    Under `srun -n N` without a PMI the MPI library knows (slurm.conf's MpiDefault=none, or an
+    --mpi type the library does not speak), every task starts as its own 1-rank world (or, seeing no
+    launcher, as a local build) and all N build the whole dataset into the same out_dir. A world
+    larger than the step is fine: mpirun/mpiexec inside an allocation starts one srun task per node
+    (its proxy) and several ranks under each."""
+    tasks = os.environ.get(SLURM_STEP_TASKS, "")
+    if not tasks.isdigit() or int(tasks) <= 1 or size >= int(tasks):
+        return
+    task = os.environ.get("SLURM_PROCID", "?")
+    if launcher == "local":
+        raise UserInputError(
+            f"launcher=local in task {task} of an srun step of {tasks} tasks ({SLURM_STEP_TASKS}={tasks}): every task "
+            f"would build the whole dataset into out_dir; run one task (srun -n 1; workers= sets its processes) "
+            f"or an MPI build: srun --mpi=pmix or srun --mpi=pmi2 ... launcher=mpi, or mpirun/mpiexec -n {tasks}")
+    raise UserInputError(
+        f"task {task} of an srun step of {tasks} tasks ({SLURM_STEP_TASKS}={tasks}) is in an MPI world of {size} "
+        f"rank{'s' if size != 1 else ''}: the tasks did not join one MPI job (srun gave them no PMI the MPI library "
+        f"speaks; with launcher=auto, mpi4py must be installed too: pip install mpich mpi4py), and each would build "
+        f"the whole dataset into the same out_dir. Launch with srun --mpi=pmix or srun --mpi=pmi2 (`srun --mpi=list` "
+        f"shows what this SLURM offers), or with mpirun/mpiexec -n {tasks} inside the allocation instead of srun")
+
+
 def tokenizer_info(tokenizer_dir: Path) -> Dict:
     """What dataset.json records about the tokenizer: fingerprint, vocabulary size, bos/eos ids."""
     V.load_tokenizer_json(tokenizer_dir, "tokenizer")
@@ -256,6 +285,7 @@ def build_dataset(cfg: DataConfig) -> Path:
     """Tokenize cfg.corpora into cfg.out_dir; collective over MPI ranks when launched under MPI."""
     comm = mpi_comm(cfg.launcher)
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    check_slurm_world(size, cfg.launcher)
     workers = cfg.workers or (1 if comm is not None else os.cpu_count() or 1)
     tokenizer = Path(cfg.tokenizer)
     with ExitStack() as stack:

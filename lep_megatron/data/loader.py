@@ -3,6 +3,7 @@
 The data dir's dataset.json names the tokenizer that built it; a trainer given another
 tokenizer gets a UserInputError instead of training on ids that mean other tokens.
 """
+import errno
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -107,10 +108,16 @@ def build_gpt_datasets(
 ) -> Tuple[GPTDataset, Optional[GPTDataset]]:
     """(train, valid) GPTDatasets (BlendedDatasets for several corpora) of seq_length tokens.
 
-    valid is None when the data has no valid split or valid_samples is None. cache_dir: megatron's sample-index cache
-    (default: <data_dir>/cache). Call on every rank after torch.distributed is initialized
-    (megatron-core 0.16's BlendedDataset asks for the rank); is_built_on_rank says which ranks
-    build (the others get None), as in megatron's builder.
+    valid is None when the data has no valid split or valid_samples is None. Call on every rank
+    after torch.distributed is initialized (megatron-core 0.16's BlendedDataset asks for the rank);
+    is_built_on_rank says which ranks build (the others get None), as in megatron's builder.
+
+    cache_dir (pretrain's data.cache_dir): megatron's path_to_cache, where rank 0 writes the
+    document / sample / shuffle indexes (GPTDataset) and the blend indexes (BlendedDataset), and
+    where every rank then reads them; a later run with the same data, seed, lengths and sizes
+    reuses them. None: megatron's default, beside the .bin files
+    (<data_dir>/<corpus>_<split>/cache/GPTDataset_indices; a blend is then not cached); set it for
+    a read-only data dir. It must be a dir every node sees (the other ranks read rank 0's files).
     """
     if seq_length < 1 or train_samples < 1:
         raise UserInputError(f"seq_length={seq_length} and train_samples={train_samples} must be >= 1")
@@ -123,12 +130,22 @@ def build_gpt_datasets(
         random_seed=seed,
         sequence_length=seq_length,
         blend_per_split=[_blend(meta, "train", data_dir), valid, None],
-        path_to_cache=str(cache_dir) if cache_dir else None,
+        path_to_cache=str(Path(cache_dir).absolute()) if cache_dir else None,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
     )
     sizes = [train_samples, valid_samples if valid else None, None]
-    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, config).build()
+    try:
+        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, config).build()
+    except Exception as err:
+        # megatron wraps rank 0's OSError in a bare Exception ("Failed to write dataset materials ...")
+        cause = err if isinstance(err, OSError) else err.__cause__
+        if not (isinstance(cause, PermissionError) or getattr(cause, "errno", None) == errno.EROFS):
+            raise
+        where = f"data.cache_dir={cache_dir}" if cache_dir else f"the data dir {data_dir} (data.cache_dir=null)"
+        raise UserInputError(
+            f"cannot write megatron's dataset index cache in {where}: {cause}; "
+            "set data.cache_dir=DIR to a writable dir that every node sees") from err
     return train_ds, valid_ds

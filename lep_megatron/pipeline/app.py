@@ -6,6 +6,7 @@ from typing import Any, Dict
 from omegaconf import OmegaConf
 
 from lep_megatron.common.app import stage_app
+from lep_megatron.common.config import flag
 from lep_megatron.common.io import UserInputError
 from lep_megatron.pipeline.report import write_report
 from lep_megatron.pipeline.runner import plan, run_pipeline, write_record
@@ -43,6 +44,7 @@ def absolute_inputs(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run(config: Dict[str, Any], cli_overrides=()) -> None:
+    config = dict(config, dry_run=flag(config.get("dry_run"), "dry_run"))
     if config["action"] not in ACTIONS:
         raise UserInputError(f"action={config['action']!r}: choose one of {', '.join(ACTIONS)}")
     run_dir = Path(config["run_dir"]).expanduser().absolute()

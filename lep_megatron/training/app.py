@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from lep_megatron.checkpoint.megatron_io import HF_SUBDIR, CheckpointMeta
 from lep_megatron.common.app import stage_app
+from lep_megatron.common.config import flag
 from lep_megatron.common.io import UserInputError
 from lep_megatron.data.loader import build_gpt_datasets
 from lep_megatron.data.sft import read_sft_meta, sft_batches
@@ -17,7 +18,8 @@ from lep_megatron.evaluation.train_hook import DarumeruHook, TrainEvalConfig
 from lep_megatron.parallel import init_distributed
 from lep_megatron.models.hf_config import HFModelShape
 from lep_megatron.training.batches import dataset_batches, rank_batches
-from lep_megatron.training.plan import GIB, PlanRequest, estimate_memory, plan
+from lep_megatron.models.gpt import padded_vocab_size
+from lep_megatron.training.plan import GIB, PlanRequest, checkpoint_bytes, checkpoint_lines, estimate_memory, plan
 from lep_megatron.training.trainer import TrainConfig, train
 
 
@@ -39,9 +41,11 @@ def make_batches(cfg, train_cfg: TrainConfig):
     init_distributed(train_cfg.tp, train_cfg.pp, train_cfg.seed)
     tokenizer = cfg.data.tokenizer or str(Path(cfg.checkpoint) / HF_SUBDIR)
     evaluations = -(-train_cfg.steps // train_cfg.eval_every) if evaluating else 0
+    cache_dir = cfg.data.get("cache_dir")
     train_set, valid_set = build_gpt_datasets(
         Path(cfg.data.dir), Path(tokenizer), seq, train_cfg.steps * gbs,
-        evaluations * train_cfg.eval_batches * gbs if evaluating else None, seed=cfg.data.seed)
+        evaluations * train_cfg.eval_batches * gbs if evaluating else None, seed=cfg.data.seed,
+        cache_dir=Path(cache_dir) if cache_dir else None)
     if evaluating and valid_set is None:
         raise UserInputError(f"train.eval_every={train_cfg.eval_every} but {cfg.data.dir} has no validation split; "
                              "rebuild it with valid_fraction > 0 or set train.eval_every=0")
@@ -76,6 +80,11 @@ def dry_run(cfg) -> None:
         verdict = "fits" if est.total <= req.gpu_memory_gib * req.usable_fraction * GIB else "does NOT fit"
         print(f"configured: tp={tp} pp={pp} dp={dp} micro_batch_size={t.micro_batch_size} recompute={t.recompute}: "
               f"{est.total / GIB:.1f} GiB per device, {verdict}")
+    # megatron stores the tables at the vocabulary padded for the configured tp
+    padded = padded_vocab_size(shape.vocab_size, cfg.parallel.make_vocab_size_divisible_by, tp)
+    size = checkpoint_bytes(shape, padded, t.dtype, t.trainable, t.lora_rank, t.lora_layers, t.use_distributed_optimizer)
+    print(f"checkpoint tables at padded vocab {padded} (parallel.tp={tp}), trainable={t.trainable}")
+    print("\n".join(checkpoint_lines(size, t.dtype, t.keep_last, t.save_frozen_weights)))
     print("dry run: nothing launched")
 
 
@@ -123,7 +132,7 @@ def epoch_steps(cfg, epochs: float, global_batch_size: int, warmup_steps: int) -
 
 @stage_app("pretrain")
 def main(cfg) -> None:
-    if cfg.dry_run:
+    if flag(cfg.dry_run, "dry_run"):  # the same reading as launch/pretrain.sh's
         return dry_run(cfg)
     if not cfg.checkpoint:
         raise UserInputError("checkpoint= is required: a Megatron checkpoint (lep-megatron convert hf-to-mcore / "

@@ -24,15 +24,21 @@ The memory model counts what megatron-core keeps alive on the most loaded pipeli
 - the logits [s, b, vocab / tp]: megatron's cross entropy works on an fp32 copy, and backward
   holds its gradient in fp32 plus a copy in the parameter dtype;
 - a fixed framework overhead (CUDA context, NCCL and TE workspaces, allocator slack).
+
+`checkpoint_bytes` sizes one saved checkpoint: a full one (every parameter in the training dtype,
+plus the optimizer state of the trainable ones) against a trainable-only one (the trainable
+tensors and their optimizer state; the frozen body stays in the base checkpoint).
 """
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, NamedTuple, Optional, Sequence
 
 from lep_megatron.common.io import UserInputError
 from lep_megatron.models.gpt import padded_vocab_size
 from lep_megatron.models.hf_config import HFModelShape, parse_dtype
+from lep_megatron.training.freeze import EMBEDDINGS, HEAD, POLICIES
 
 GIB = 2**30
+GB = 10**9
 # TrainConfig.recompute -> megatron TransformerConfig fields. "selective" recomputes the modules
 # of recompute_modules, whose default in megatron-core 0.16 and 0.19 alike is ["core_attn"]: the
 # attention scores and probabilities (worth it for unfused attention; flash attention keeps no
@@ -220,6 +226,110 @@ def estimate_memory(req: PlanRequest, tp: int, pp: int, dp: int, micro_batch_siz
 
     stages = [stage(True, pp == 1)] + ([stage(False, True)] if pp > 1 else [])
     return max(stages, key=lambda e: e.total)
+
+
+class CheckpointBytes(NamedTuple):
+    """Bytes of one checkpoint of a run, and the parameter counts behind them."""
+
+    full: int
+    """Every parameter in the training dtype + the trainable parameters' optimizer state."""
+    trainable_only: int
+    """The trainable tensors in the training dtype + the same optimizer state."""
+    parameters: int
+    """All parameters (the embedding and head tables at the padded vocabulary)."""
+    trainable: int
+    """Parameters that train (whole tensors of the policy + LoRA adapters)."""
+    optimizer_bytes_per_parameter: int
+    """Adam exp_avg + exp_avg_sq in fp32 (8), + fp32 master weights (12: the distributed
+    optimizer, or a half dtype)."""
+
+
+def _lora_parameters(s: HFModelShape, rank: int, layers: Optional[Sequence[int]]) -> int:
+    """Adapter parameters, rank x (in + out) per adapted linear (qkv, proj, fc1 gate+up, fc2)."""
+    if layers is None:
+        n_layers = s.num_layers
+    else:
+        bad = [i for i in layers if not -s.num_layers <= i < s.num_layers]
+        if bad:
+            raise UserInputError(f"train.lora_layers={list(layers)}: {bad} out of range for {s.num_layers} layers")
+        n_layers = len({i % s.num_layers for i in layers})
+    q, kv = s.num_attention_heads * s.head_dim, s.query_groups * s.head_dim
+    per_layer = ((s.hidden_size + q + 2 * kv) + (q + s.hidden_size)
+                 + (s.hidden_size + 2 * s.intermediate_size) + (s.intermediate_size + s.hidden_size))
+    return n_layers * rank * per_layer
+
+
+def checkpoint_bytes(shape: HFModelShape, padded_vocab: int, dtype: str = "bfloat16",
+                     trainable: str = "embeddings_only", lora_rank: Optional[int] = None,
+                     lora_layers: Optional[Sequence[int]] = None,
+                     use_distributed_optimizer: bool = True) -> CheckpointBytes:
+    """Size of one checkpoint, full vs trainable-only (scheduler, RNG and data position are a few
+    KB, not counted). padded_vocab: the vocabulary as megatron holds it (padded_vocab_size with
+    the run's tp). The optimizer state exists for trainable parameters only: fp32 exp_avg and
+    exp_avg_sq, plus the fp32 master weights that the distributed optimizer stores whatever the
+    dtype (the plain optimizer has none in fp32: its master weights are the parameters). trainable: a train.trainable policy; whole tensors per its prefixes
+    (embeddings_only: word embeddings + output layer, one table when tied), plus LoRA adapters of
+    lora_rank on lora_layers (None: the policy's defaults) for calibration / sft."""
+    if trainable not in POLICIES:
+        raise UserInputError(f"train.trainable={trainable!r}: choose one of {sorted(POLICIES)}")
+    if padded_vocab < shape.vocab_size:
+        raise UserInputError(f"padded_vocab={padded_vocab} is below the model's vocab_size {shape.vocab_size}")
+    a = parse_dtype(dtype, "train.dtype").itemsize
+    table = padded_vocab * shape.hidden_size
+    tables = 1 if shape.tie_word_embeddings else 2
+    body = shape.num_layers * _layer_params(shape) + shape.hidden_size  # + the final norm
+    policy = POLICIES[trainable]
+    if policy.prefixes == ("",):
+        whole = body + tables * table
+    else:
+        named = set(policy.prefixes) & {EMBEDDINGS, HEAD}
+        # tied: the head is the embedding table, one tensor that trains when either does
+        whole = table * (min(len(named), 1) if shape.tie_word_embeddings else len(named))
+    adapters = 0
+    if policy.lora_rank is not None:
+        rank = policy.lora_rank if lora_rank is None else lora_rank
+        if rank < 1:
+            raise UserInputError(f"train.lora_rank={rank} must be >= 1")
+        adapters = _lora_parameters(shape, rank, policy.lora_layers if lora_layers is None else lora_layers)
+    parameters = body + tables * table + adapters
+    n_trainable = whole + adapters
+    per_param = 8 + (4 if use_distributed_optimizer or a != 4 else 0)
+    optimizer = n_trainable * per_param
+    return CheckpointBytes(full=parameters * a + optimizer, trainable_only=n_trainable * a + optimizer,
+                           parameters=parameters, trainable=n_trainable, optimizer_bytes_per_parameter=per_param)
+
+
+def checkpoint_lines(size: CheckpointBytes, dtype: str, keep_last: Optional[int],
+                     save_frozen_weights: Optional[bool] = None) -> List[str]:
+    """The dry run's account of checkpoint storage: per checkpoint, and per run with keep_last
+    (0/None: every checkpoint kept). save_frozen_weights (train.save_frozen_weights; None: not
+    configured) marks which of the two the run writes."""
+
+    def amount(n: int) -> str:
+        return f"{n / GB:.2f} GB ({n / GIB:.2f} GiB)"
+
+    a = parse_dtype(dtype, "train.dtype").itemsize
+    state = ("fp32 master + Adam exp_avg, exp_avg_sq" if size.optimizer_bytes_per_parameter == 12
+             else "Adam exp_avg, exp_avg_sq in fp32")
+    mark = {True: "", False: ""}
+    if save_frozen_weights is not None and size.full != size.trainable_only:
+        mark[bool(save_frozen_weights)] = f"  <- this run (train.save_frozen_weights={str(bool(save_frozen_weights)).lower()})"
+    lines = [
+        f"checkpoint size ({dtype}; optimizer state: {state}, {size.optimizer_bytes_per_parameter} bytes per "
+        f"trainable parameter):",
+        f"  full:           {amount(size.full)}: {size.parameters:,} parameters x {a} bytes + optimizer state of "
+        f"{size.trainable:,} trainable{mark[True]}",
+        f"  trainable-only: {amount(size.trainable_only)}: {size.trainable:,} trainable parameters x {a} bytes + "
+        f"their optimizer state (the frozen body is read from the base checkpoint){mark[False]}",
+    ]
+    if keep_last:
+        lines.append(f"  per run with train.keep_last={keep_last}: full {amount(keep_last * size.full)}, "
+                     f"trainable-only {amount(keep_last * size.trainable_only)} "
+                     "(one checkpoint more while a save completes, before the oldest is deleted)")
+    else:
+        lines.append(f"  per run with train.keep_last={keep_last}: every checkpoint is kept; "
+                     "the run grows by one checkpoint per save")
+    return lines
 
 
 def _divides(shape: HFModelShape, tp: int) -> bool:

@@ -5,6 +5,7 @@ for trainable parameters, because they are frozen before the wrap), get_megatron
 as the paper: betas 0.9/0.95, eps 1e-5, wd 0.1), OptimizerParamScheduler (cosine with warm-up)
 and its forward/backward schedules (pipeline parallel included).
 """
+import contextlib
 import json
 import logging
 import math
@@ -137,6 +138,17 @@ class TrainConfig:
     peak_tflops_per_device: Optional[float] = None
     """Peak dense TFLOP/s of one device in the training dtype (e.g. 989 for an H100 in bf16);
     when set, the progress line shows MFU from the frozen-body FLOP count."""
+    overlap_grad_reduce: bool = True
+    """Reduce(-scatter) gradients bucket by bucket during the backward pass (megatron DDP's
+    overlap_grad_reduce) instead of all at once after it."""
+    overlap_param_gather: bool = True
+    """With the distributed optimizer: all-gather the updated parameters bucket by bucket during
+    the next forward pass instead of right after the optimizer step (forward pre-hooks; they are
+    synchronised before evaluations, hooks and checkpoint saves, as Megatron-LM does)."""
+    grad_reduce_dtype: str = "float32"
+    """Dtype the data-parallel gradient reduction runs in: float32 (megatron's
+    grad_reduce_in_fp32), or the training dtype (bfloat16 with train.dtype=bfloat16: half the bytes
+    on the wire, as Megatron-LM's Llama-3 recipes)."""
     recompute: str = "none"
     """Activation recomputation: none | selective (megatron's core_attn: attention scores
     recomputed in backward) | full (every layer keeps only its input and reruns in backward)."""
@@ -155,6 +167,9 @@ class TrainConfig:
         parse_dtype(self.dtype, "train.dtype")
         if self.recompute not in RECOMPUTE_SETTINGS:
             raise UserInputError(f"train.recompute={self.recompute!r}: choose one of {list(RECOMPUTE_SETTINGS)}")
+        if self.grad_reduce_dtype not in ("float32", self.dtype):
+            raise UserInputError(f"train.grad_reduce_dtype={self.grad_reduce_dtype!r}: choose float32 or the training "
+                                 f"dtype train.dtype={self.dtype}")
         for key in ("save_interval_minutes", "exit_duration_minutes", "keep_last"):
             if getattr(self, key) < 0:
                 raise UserInputError(f"train.{key}={getattr(self, key)} must be >= 0 (0 turns it off)")
@@ -206,20 +221,25 @@ def build(cfg: TrainConfig):
     # losses are summed per micro-batch and divided by the global count of loss tokens
     # (finalize_model_grads), so loss-masked batches weigh every counted token equally
     model.config.calculate_per_token_loss = True
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                               use_distributed_optimizer=cfg.use_distributed_optimizer)
+    overlap_gather = cfg.overlap_param_gather and cfg.use_distributed_optimizer
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=cfg.grad_reduce_dtype == "float32",
+                                               use_distributed_optimizer=cfg.use_distributed_optimizer,
+                                               overlap_grad_reduce=cfg.overlap_grad_reduce,
+                                               overlap_param_gather=overlap_gather)
     model = DistributedDataParallel(model.config, ddp_config, model)
     opt_config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        use_distributed_optimizer=cfg.use_distributed_optimizer, overlap_param_gather=overlap_gather,
     )
     optimizer_resume.apply()
     optimizer = get_megatron_optimizer(opt_config, [model])
     # the schedules call these: data-parallel grad reduction (and tied-embedding grads across
     # pipeline stages) happens in finalize_model_grads, loss scaling in grad_scale_func
     model.config.no_sync_func = model.no_sync
+    if cfg.overlap_grad_reduce:  # pipeline schedules start each stage's reduction when its backward is done
+        model.config.grad_sync_func = model.start_grad_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.grad_scale_func = optimizer.scale_loss
     scheduler = OptimizerParamScheduler(
@@ -417,6 +437,7 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
         lora_layers=len(adapted_layers(lora, meta.shape.num_layers)) if lora else 0).per_token * tokens_per_step
     # signals and the wall-clock budget stop training at a checkpoint (ResumableExit: exit code 75)
     saves = AsyncCallsQueue() if cfg.async_save else None
+    comm = communication_bytes(model)
     with StopWatch(cfg.exit_duration_minutes, cfg.save_interval_minutes) as watch:
         try:
             for step in range(first_step, cfg.steps + 1):
@@ -424,14 +445,16 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
                     saves.maybe_finalize_async_calls(blocking=False)
                 record = _train_step(cfg, step, model, optimizer, scheduler, batches, n_micro, guard, losses,
                                      tokens_per_step, flops_per_step)
-                record.update(_evaluations(cfg, step, model, valid_batches, hooks))
+                with parameters_gathered(model):
+                    record.update(_evaluations(cfg, step, model, valid_batches, hooks))
                 if dist.get_rank() == 0:
-                    _log_step(cfg, record, out_dir, tensorboard)
+                    _log_step(cfg, dict(record, **comm), out_dir, tensorboard)
                 decision = watch.decide()
                 stopping = step == cfg.exit_after or decision.stop is not None
                 if (step == cfg.steps or stopping or decision.save
                         or (cfg.save_every and step % cfg.save_every == 0)):
-                    save_checkpoint(cfg, step, model, optimizer, scheduler, meta, saves)
+                    with parameters_gathered(model):
+                        save_checkpoint(cfg, step, model, optimizer, scheduler, meta, saves)
                     watch.saved()
                 if decision.stop is not None:
                     _finish_saves(saves)
@@ -445,7 +468,36 @@ def train(cfg: TrainConfig, batches: Callable[[int], Iterator[torch.Tensor]],
         finally:
             if tensorboard is not None:
                 tensorboard.close()
+    if getattr(model, "use_forward_hook", False):  # the caller gets the updated parameters
+        model.disable_forward_pre_hook(param_sync=True)
     return losses, model
+
+
+@contextlib.contextmanager
+def parameters_gathered(model):
+    """Work outside a training step (evaluation, hooks, saves) with the overlapped parameter
+    all-gather finished and its forward pre-hooks off, as Megatron-LM does; on again after."""
+    if not getattr(model, "use_forward_hook", False):
+        yield
+        return
+    model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        model.enable_forward_pre_hook()
+
+
+def communication_bytes(model) -> Dict[str, int]:
+    """Bytes this rank hands to the data-parallel collectives each step: its gradient buffers
+    (all-reduced, or reduce-scattered with the distributed optimizer) and, with the distributed
+    optimizer, its parameter buffers (all-gathered after the update). 0 on one rank."""
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return {"grad_reduce_bytes": 0, "param_gather_bytes": 0}
+    buffers = list(model.buffers) + list(getattr(model, "expert_parallel_buffers", []))
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers)
+    distributed = model.ddp_config.use_distributed_optimizer
+    params = sum(b.param_data.numel() * b.param_data.element_size() for b in buffers if b.param_data is not None)
+    return {"grad_reduce_bytes": grads, "param_gather_bytes": params if distributed else 0}
 
 
 def _finish_saves(saves) -> None:

@@ -83,12 +83,94 @@ def test_mpiexec_two_ranks_give_identical_bytes(built, corpora, new_tokenizer, t
     out = tmp_path / "d"
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "lep_megatron", "data", f"tokenizer={new_tokenizer}", f"out_dir={out}",
            f"corpora={hydra_dict(corpora)}", "valid_fraction=0.05"]
-    # Open MPI refuses to start as root without these
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    # Open MPI refuses to start as root without these; SLURM_STEP_NUM_TASKS as srun -n 2 would
+    # set it: a world that agrees with the step passes test_srun_step_without_an_mpi_world_is_refused's check
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", SLURM_STEP_NUM_TASKS="2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "shard 2/2" in proc.stderr and "shard 1/2" in proc.stderr
     same_files(built, out)
+
+
+def test_mpi_world_smaller_than_the_srun_step_is_refused(new_tokenizer, tmp_path):
+    """A real 1-rank MPI world (mpiexec -n 1) in a process that srun counts as one of 2 tasks:
+    refused on every rank before anything is written, with the launch that fixes it."""
+    (tmp_path / "x.txt").write_text("одна строка\nдругая строка\n", encoding="utf-8")
+    cmd = [mpiexec(), "-n", "1", sys.executable, "-m", "lep_megatron", "data", f"tokenizer={new_tokenizer}",
+           f"out_dir={tmp_path / 'd'}", f"corpus={tmp_path / 'x.txt'}", "launcher=mpi"]
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_PROCID="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("error: task 1 of an srun step of 2 tasks (SLURM_STEP_NUM_TASKS=2) is in an MPI world of 1 rank: "
+            "the tasks did not join one MPI job") in proc.stderr
+    assert "Launch with srun --mpi=pmix or srun --mpi=pmi2" in proc.stderr and "mpirun/mpiexec -n 2" in proc.stderr
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("launcher", ["auto", "local"])
+def test_srun_step_without_an_mpi_world_is_refused(launcher, new_tokenizer, corpora, tmp_path, monkeypatch):
+    """srun -n 2 without a PMI the MPI library speaks (MpiDefault=none): no PMI variables, so
+    each task would be a local build writing the same out_dir; every task refuses."""
+    from lep_megatron.data.build import MPI_LAUNCH_VARS, DataConfig, build_dataset
+
+    for var in MPI_LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with pytest.raises(UserInputError) as err:
+        build_dataset(DataConfig(tokenizer=str(new_tokenizer), out_dir=str(tmp_path / "d"), corpora=corpora,
+                                 launcher=launcher, workers=1))
+    if launcher == "auto":
+        assert str(err.value).startswith("task 0 of an srun step of 2 tasks (SLURM_STEP_NUM_TASKS=2) is in an MPI "
+                                         "world of 1 rank: the tasks did not join one MPI job")
+        assert "Launch with srun --mpi=pmix or srun --mpi=pmi2" in str(err.value)
+    else:
+        assert str(err.value).startswith("launcher=local in task 0 of an srun step of 2 tasks")
+        assert "srun -n 1" in str(err.value) and "srun --mpi=pmix or srun --mpi=pmi2 ... launcher=mpi" in str(err.value)
+    assert not (tmp_path / "d").exists()
+
+
+def test_slurm_worlds_that_are_accepted(built, corpora, new_tokenizer, tmp_path, monkeypatch):
+    """The batch script of `sbatch -n 4` is one process (SLURM_NTASKS=4, no step): a local build;
+    mpiexec inside an allocation runs one srun task (its proxy) per node and several ranks under
+    each: a world larger than the step."""
+    from lep_megatron.data.build import DataConfig, build_dataset, check_slurm_world
+
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    out = build_dataset(DataConfig(tokenizer=str(new_tokenizer), out_dir=str(tmp_path / "d"), corpora=corpora,
+                                   valid_fraction=0.05, workers=1, launcher="local"))
+    same_files(built, out)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    check_slurm_world(4, "mpi")  # 2 nodes, mpiexec -n 4: no error
+    check_slurm_world(2, "auto")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    check_slurm_world(1, "local")  # srun -n 1
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_srun_mpi_types_on_a_real_slurm(built, corpora, new_tokenizer, tmp_path):
+    """srun -n 2 --mpi=pmi2: one MPI world of 2, the bytes of one process; --mpi=none (the
+    cluster's MpiDefault): two 1-rank worlds, refused by each task. (tests/conftest.py skips it
+    without the SLURM of tests/cluster/slurm_up.sh, fails it under CI=true.)"""
+    data = [sys.executable, "-m", "lep_megatron", "data", f"tokenizer={new_tokenizer}",
+            f"corpora={hydra_dict(corpora)}", "valid_fraction=0.05"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # timeouts: srun waits while other jobs hold the cluster's CPUs
+    proc = subprocess.run(["srun", "-n", "2", "--mpi=pmi2", *data, f"out_dir={tmp_path / 'd'}"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shard 2/2" in proc.stderr and "shard 1/2" in proc.stderr
+    same_files(built, tmp_path / "d")
+    proc = subprocess.run(["srun", "-n", "2", "--mpi=none", *data, f"out_dir={tmp_path / 'e'}"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode != 0
+    for task in (0, 1):
+        assert f"error: task {task} of an srun step of 2 tasks (SLURM_STEP_NUM_TASKS=2) is in an MPI world of 1 rank" in proc.stderr
+    assert not (tmp_path / "e").exists()
 
 
 def test_rank0_error_reaches_every_rank(new_tokenizer, tmp_path):

@@ -104,3 +104,98 @@ def test_missing_data_dir_is_refused(new_tokenizer, tmp_path):
 
     with pytest.raises(UserInputError, match="no dataset.json; build it with `lep-megatron data`"):
         build_gpt_datasets(tmp_path, new_tokenizer, seq_length=SEQ, train_samples=10, valid_samples=2)
+
+
+def tree(root: Path) -> dict:
+    """Every file and dir under root: relative path -> (size, mtime in ns) (dirs: size None)."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def cache_names(files) -> list:
+    """Megatron's cache file names without their hash prefix: Class-split-what."""
+    return sorted(name.split("-", 1)[1] for name in files)
+
+
+INDEX_FILES = ["description.txt", "document_index.npy", "sample_index.npy", "shuffle_index.npy"]
+BLEND_FILES = ["dataset_index.npy", "dataset_sample_index.npy", "description.txt"]
+
+
+def copy_of(built: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(built, tmp_path / "data"))
+
+
+def test_cache_dir_leaves_the_data_dir_untouched_and_is_reused(process_group, built, new_tokenizer, tmp_path):
+    """data.cache_dir for a read-only (shared) data dir: nothing is written under the data dir,
+    megatron's index files land in cache_dir, and a second build with the same cache_dir reads
+    them instead of writing them again. (The tests run as root, whom chmod does not stop, so the
+    data dir's files and mtimes are compared instead of making it read-only.)"""
+    from lep_megatron.data.loader import build_gpt_datasets
+
+    data, cache = copy_of(built, tmp_path), tmp_path / "cache"
+    before = tree(data)
+    args = dict(seq_length=SEQ, train_samples=400, valid_samples=40, cache_dir=cache)
+    train, valid = build_gpt_datasets(data, new_tokenizer, **args)
+    assert tree(data) == before
+    cached = tree(cache)
+    # per corpus and split a GPTDataset's indexes (2 corpora x train, valid), per split the blend's
+    assert cache_names(cached) == sorted(
+        [f"GPTDataset-{split}-{f}" for split in ("train", "valid") for f in INDEX_FILES for _ in range(2)]
+        + [f"BlendedDataset-{split}-{f}" for split in ("train", "valid") for f in BLEND_FILES])
+    # each corpus's description names its .bin/.idx prefix in the data dir
+    described = [(cache / name).read_text() for name in cached if "GPTDataset-train-description" in name]
+    assert sorted(c for d in described for c in ("fortunes", "manuals") if f'"{data / c}_train"' in d) == ["fortunes", "manuals"]
+
+    again_train, again_valid = build_gpt_datasets(data, new_tokenizer, **args)
+    assert tree(cache) == cached and tree(data) == before  # read back, not rewritten
+    assert [again_train.dataset_index[i] for i in range(400)] == [train.dataset_index[i] for i in range(400)]
+    for first, second in ((train, again_train), (valid, again_valid)):
+        for i in (0, 7, len(first) - 1):
+            numpy.testing.assert_array_equal(first[i]["tokens"].numpy(), second[i]["tokens"].numpy())
+
+
+def test_without_cache_dir_megatron_writes_inside_the_data_dir(process_group, built, new_tokenizer, tmp_path):
+    """data.cache_dir=null keeps megatron's default: each corpus's indexes beside its .bin file,
+    in <data>/<corpus>_<split>/cache/GPTDataset_indices (the blend's are not cached)."""
+    from lep_megatron.data.loader import build_gpt_datasets
+
+    data = copy_of(built, tmp_path)
+    before = tree(data)
+    build_gpt_datasets(data, new_tokenizer, seq_length=SEQ, train_samples=400, valid_samples=40)
+    added = sorted(set(tree(data)) - set(before))
+    written = [Path(p) for p in added if p.endswith((".npy", ".txt"))]
+    assert sorted({str(p.parent) for p in written}) == [
+        f"{name}_{split}/cache/GPTDataset_indices" for name in ("fortunes", "manuals") for split in ("train", "valid")]
+    assert cache_names(p.name for p in written) == sorted(
+        f"GPTDataset-{split}-{f}" for split in ("train", "valid") for f in INDEX_FILES for _ in range(2))
+    assert set(before) <= set(tree(data)) and all(tree(data)[k] == v for k, v in before.items())
+
+
+@pytest.mark.parametrize("with_cache_dir", [False, True])
+def test_unwritable_cache_is_a_clear_error(process_group, built, new_tokenizer, tmp_path, monkeypatch, with_cache_dir):
+    """A cache dir that cannot be written (a read-only data dir, by default) names data.cache_dir.
+    As root, chmod does not stop writes, so os.makedirs refuses under the unwritable dir as a
+    read-only filesystem would (EROFS)."""
+    import errno
+    import os
+
+    from lep_megatron.data.loader import build_gpt_datasets
+
+    data = copy_of(built, tmp_path)
+    locked = tmp_path / "cache" if with_cache_dir else data
+    makedirs = os.makedirs
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).absolute().is_relative_to(locked):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(UserInputError) as err:
+        build_gpt_datasets(data, new_tokenizer, seq_length=SEQ, train_samples=10, valid_samples=2,
+                           cache_dir=locked if with_cache_dir else None)
+    where = f"data.cache_dir={locked}" if with_cache_dir else f"the data dir {data} (data.cache_dir=null)"
+    assert str(err.value).startswith(f"cannot write megatron's dataset index cache in {where}: [Errno 30] Read-only file system")
+    assert str(err.value).endswith("set data.cache_dir=DIR to a writable dir that every node sees")

@@ -39,8 +39,15 @@ def pretrain(setup, out, *overrides):
 
 
 def test_loss_falls_on_the_demo_corpus(setup, tmp_path):
-    proc = pretrain(setup, tmp_path / "run", "train.eval_every=4", "train.eval_batches=2")
+    data_files = sorted(p.relative_to(setup / "data") for p in (setup / "data").rglob("*"))
+    proc = pretrain(setup, tmp_path / "run", "train.eval_every=4", "train.eval_batches=2",
+                    f"data.cache_dir={tmp_path / 'cache'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # data.cache_dir: megatron's index cache (train and valid GPTDataset indexes) lands there, nothing in the data dir
+    assert sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir()) == sorted(
+        f"GPTDataset-{split}-{f}" for split in ("train", "valid")
+        for f in ("description.txt", "document_index.npy", "sample_index.npy", "shuffle_index.npy"))
+    assert sorted(p.relative_to(setup / "data") for p in (setup / "data").rglob("*")) == data_files
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     losses = [r["loss"] for r in records]
