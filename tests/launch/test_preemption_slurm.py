@@ -1,0 +1,94 @@
+"""Preemption under the real SLURM of tests/cluster/slurm_up.sh (2 gloo ranks on one CPU node):
+a job whose time limit comes close during training gets SLURM's `--signal=USR1@120` in its
+training step, checkpoints the step it reached, exits 75, requeues itself (SLURM_RESTART_COUNT=1
+in its second attempt's log), resumes and finishes; its per-step losses equal an uninterrupted
+torchrun run's bit for bit and no step is trained twice.
+
+The time limit is brought close with `scontrol update TimeLimit=` once training runs (a job
+submitted with a few minutes would be signalled during start-up, which launch/pretrain.sh
+refuses); slurmctld then sends the signal at its next time-limit check (every 30 s)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lep_megatron.checkpoint.convert import ConvertConfig, run
+from lep_megatron.common.launch import torchrun
+from lep_megatron.models.tiny import make_hf_model
+
+pytestmark = [pytest.mark.slurm, pytest.mark.megatron, pytest.mark.primary_only, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 2000  # long enough that the signal lands mid-training (~40-80 ms a step here)
+
+
+def overrides(ckpt: Path, out: Path) -> list:
+    return [f"checkpoint={ckpt}", f"out_dir={out}", "data.kind=synthetic", f"train.steps={STEPS}",
+            "train.seq_length=16", "train.micro_batch_size=1", "train.global_batch_size=4", "train.warmup_steps=10",
+            "train.lr=1e-2", "train.log_every=200", "train.tensorboard=false"]
+
+
+def job_field(job: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    return next(tok.split("=", 1)[1] for tok in out.split() if tok.startswith(field + "="))
+
+
+def wait_for(what: str, predicate, timeout: float, job: str, tmp: Path):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(tmp.rglob("*.txt")) + sorted(tmp.rglob("*.log")))
+    pytest.fail(f"timed out waiting for {what}; job {job}: {subprocess.run(['scontrol', 'show', 'job', job], capture_output=True, text=True).stdout}\n{logs}")
+
+
+def steps_done(metrics: Path) -> int:
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(tmp_path):
+    make_hf_model(tmp_path / "hf", "llama", vocab_size=131, layers=2)
+    run(ConvertConfig("hf-to-mcore", tmp_path / "hf", tmp_path / "mc"))
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="2", OMP_NUM_THREADS="1", LEP_SIGNAL_LEAD="120",
+               LOG_DIR=str(tmp_path / "logs"))
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30",
+         "--signal=USR1@120", f"--chdir={tmp_path}", f"--output={tmp_path}/job-%j.out",
+         str(ROOT / "launch" / "pretrain.sh")] + overrides(tmp_path / "mc", out),
+        env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        metrics = out / "metrics.jsonl"
+        wait_for("the first steps", lambda: steps_done(metrics) >= 5, 300, job, tmp_path)
+        # the end of the job 1-2 minutes from now: within the 120 s lead, so the signal is due at once
+        used = job_field(job, "RunTime")
+        h, m, s = (int(x) for x in used.split("-")[-1].rjust(8, "0").split(":"))
+        subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={math.ceil((h * 3600 + m * 60 + s) / 60) + 1}"],
+                       check=True)
+        wait_for("the requeue", lambda: job_field(job, "Restarts") == "1", 240, job, tmp_path)
+        stopped_at = steps_done(metrics)
+        assert 5 <= stopped_at < STEPS, "the signal must land mid-training"
+        # the second attempt: no signal again, and no eligibility delay
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"], check=True)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        wait_for("the job to finish", lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+                 600, job, tmp_path)
+        assert job_field(job, "JobState") == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-3000:]
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+
+    first = (tmp_path / "logs" / job / "attempt-0" / "pretrain.log").read_text()
+    assert "received SIGUSR1" in first and "exit code 75" in first
+    assert "SLURM_RESTART_COUNT=1" in (tmp_path / "logs" / job / "attempt-1" / "launch.txt").read_text()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # none lost, none trained twice
+
+    torchrun(2, ["-m", "lep_megatron", "pretrain"] + overrides(tmp_path / "mc", tmp_path / "straight"), timeout=900)
+    straight = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == straight
