@@ -1,4 +1,4 @@
-"""Preemption under the real SLURM of tests/cluster/slurm_up.sh (2 gloo ranks on one CPU node):
+"""Preemption and kills under the real SLURM of tests/cluster/slurm_up.sh (2 gloo ranks on one CPU node):
 a job whose time limit comes close during training gets SLURM's `--signal=USR1@120` in its
 training step, checkpoints the step it reached, exits 75, requeues itself (SLURM_RESTART_COUNT=1
 in its second attempt's log), resumes and finishes; its per-step losses equal an uninterrupted
@@ -92,3 +92,53 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(tmp_path):
     torchrun(2, ["-m", "lep_megatron", "pretrain"] + overrides(tmp_path / "mc", tmp_path / "straight"), timeout=900)
     straight = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records] == straight
+
+
+def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    """`scancel --signal=KILL --full` while a checkpoint is being written: `latest` still names the
+    previous, complete checkpoint; `scontrol requeue` then restarts the job, which resumes from it
+    and finishes; every loss it recorded (the steps after that checkpoint trained twice) equals an
+    uninterrupted run's."""
+    make_hf_model(tmp_path / "hf", "llama", vocab_size=32000, layers=2)  # big tables: saves take a while
+    run(ConvertConfig("hf-to-mcore", tmp_path / "hf", tmp_path / "mc"))
+    out = tmp_path / "run"
+    steps = 12
+    args = [f"checkpoint={tmp_path / 'mc'}", f"out_dir={out}", "data.kind=synthetic", f"train.steps={steps}",
+            "train.save_every=2", "train.keep_last=0", "train.seq_length=16", "train.global_batch_size=4",
+            "train.warmup_steps=1", "train.lr=1e-2", "train.tensorboard=false"]
+    env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="2", OMP_NUM_THREADS="1", LOG_DIR=str(tmp_path / "logs"))
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30",
+                          f"--chdir={tmp_path}", f"--output={tmp_path}/job-%j.out", str(ROOT / "launch" / "pretrain.sh")]
+                         + args, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    checkpoints = out / "checkpoints"
+    try:
+        def second_save_started():
+            return checkpoints.is_dir() and any(p.name.endswith(".partial") and int(p.name[5:12]) > 2
+                                                for p in checkpoints.iterdir())
+
+        deadline = time.time() + 300
+        while not second_save_started():
+            assert time.time() < deadline, (tmp_path / f"job-{job}.out").read_text()[-3000:]
+            time.sleep(0.02)
+        subprocess.run(["scancel", "--signal=KILL", "--full", job], check=True)
+        wait_for("the kill", lambda: job_field(job, "JobState") not in ("RUNNING", "COMPLETING"), 120, job, tmp_path)
+        latest = (checkpoints / "latest").read_text().strip()
+        partial = [p.name for p in checkpoints.iterdir() if p.name.endswith(".partial")]
+        assert partial and latest < partial[0], (latest, partial)
+        assert (checkpoints / latest / "lep_model.json").is_file()
+        subprocess.run(["scontrol", "requeue", job], check=True)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        wait_for("the requeued job", lambda: job_field(job, "JobState") == "COMPLETED" or
+                 (job_field(job, "JobState") == "FAILED" and job_field(job, "Restarts") == "1"), 600, job, tmp_path)
+        assert job_field(job, "JobState") == "COMPLETED"
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    assert (checkpoints / "latest").read_text().strip() == f"step_{steps:07d}"
+    assert "resumed from" in (tmp_path / "logs" / job / "attempt-1" / "pretrain.log").read_text()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in records} == set(range(1, steps + 1))
+    torchrun(2, ["-m", "lep_megatron", "pretrain"] + [a.replace(str(out), str(tmp_path / "straight")) for a in args],
+             timeout=900)
+    straight = {json.loads(line)["step"]: json.loads(line)["loss"]
+                for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()}
+    assert all(r["loss"] == straight[r["step"]] for r in records)
