@@ -6,15 +6,17 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=12:00:00
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@600
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=USR1@600
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
 # Post-LEP calibration (or SFT) with LoRA on SLURM: launch/pretrain.sh with finetune=calibration
 # (the paper's settings, conf/pretrain_groups/finetune/) unless a finetune= is given.
 #
 #   sbatch launch/calibrate.sh checkpoint=LEP_CKPT out_dir=RUN data.dir=SFT_DATA [key=value ...]
 #   sbatch launch/calibrate.sh finetune=sft checkpoint=... out_dir=... data.dir=...
 #
-# Everything else (launchers, requeue on preemption, resume, dry_run=true) is pretrain.sh's.
+# Everything else (launchers, CPU partitions, requeue on preemption, logs per attempt, resume,
+# dry_run=true) is pretrain.sh's; keep this header's --signal, --open-mode and --output as its.
 set -euo pipefail
 # sbatch runs a copy of this script: pretrain.sh is found beside the original, else under the
 # submission directory (submit from the repository root), else set LEP_LAUNCH_DIR

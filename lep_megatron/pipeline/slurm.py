@@ -1,6 +1,7 @@
 """The pipeline as SLURM jobs: one sbatch per step still to run, chained with afterok.
 
-pretrain goes through launch/pretrain.sh (torchrun per node, requeue on preemption); every other
+pretrain goes through launch/pretrain.sh (torchrun per node, requeue on preemption: its
+SLURM_RESTART_COUNT-numbered attempts append to one job log); every other
 step runs `lep-megatron pipeline action=step step=NAME <the same pipeline overrides>`, which
 rebuilds the step list from the same config and runs that one step through the local runner
 (so its state record is written as on a laptop)."""
@@ -20,8 +21,11 @@ def sbatch_args(step: Step, run_dir: Path, slurm: Dict, dependencies: Sequence[s
     # pretrain.sh takes the step's overrides (relative to the run dir); a step job takes the
     # pipeline's own command line, whose paths are relative to where it was submitted
     workdir = run_dir if step.stage == "pretrain" else Path.cwd()
+    # run_dir/logs exists before the first sbatch (submit makes it); a requeued pretrain appends;
+    # a failed job cancels the jobs waiting for it (else they stay pending, DependencyNeverSatisfied)
     args = ["sbatch", "--parsable", f"--job-name=lep-{step.name}", f"--chdir={workdir}",
-            f"--output={run_dir}/logs/%x-%j.out", f"--time={slurm['time']}"]
+            f"--output={run_dir}/logs/%x-%j.out", "--open-mode=append", "--kill-on-invalid-dep=yes",
+            f"--time={slurm['time']}"]
     for key in ("partition", "account"):
         if slurm.get(key):
             args.append(f"--{key}={slurm[key]}")
@@ -38,9 +42,10 @@ def step_job(step: Step, run_dir: Path, slurm: Dict, pipeline_overrides: Sequenc
     if step.stage == "pretrain":
         # pretrain.sh runs this script once training succeeded: the step's state record, so that a
         # resubmitted pipeline skips it (a requeued or failed job records nothing)
+        cpus = slurm.get("pretrain_cpus_per_task")
         return args + [f"--export=ALL,LEP_ON_SUCCESS={on_success_script(step, run_dir)}",
                        f"--nodes={slurm['pretrain_nodes']}", f"--gpus-per-node={slurm['gpus_per_node']}",
-                       str(PRETRAIN_SH)] + step.overrides
+                       *([f"--cpus-per-task={cpus}"] if cpus else []), str(PRETRAIN_SH)] + step.overrides
     inner = pipeline_command("step", step, pipeline_overrides)
     return args + ["--nodes=1", "--ntasks=1", f"--cpus-per-task={slurm['cpus_per_task']}",
                    f"--gpus-per-node={slurm['step_gpus']}", "--wrap", " ".join(shlex.quote(a) for a in inner)]

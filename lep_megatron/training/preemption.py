@@ -5,6 +5,12 @@ SLURM sends SIGUSR1 to every process of the job steps `--signal=USR1@N` seconds 
 limit, and SIGTERM on preemption or scancel. A handler only records the signal; after each step
 the ranks all-reduce what they saw (Megatron-LM's DistributedSignalHandler does the same), so
 they all save the same step and then exit together with EXIT_RESUMABLE.
+
+SLURM signals every process of the step, the helper processes that checkpoint saves start
+("spawn": a fresh interpreter, where a Python handler does not carry over) included; they would
+die of it and take the save with them. So the signals are also blocked: a blocked signal stays
+pending instead of being delivered, and the mask is inherited by every process started from then
+on. `decide` takes a pending signal as it takes a handled one.
 """
 import signal
 import time
@@ -44,16 +50,27 @@ class StopWatch:
         self.last_save = time.time()
         self.received: Optional[int] = None
         self._previous = {}
+        self._previous_mask = set()
 
     def __enter__(self) -> "StopWatch":
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._record)
+        self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._take_pending()  # before unblocking: a pending signal would hit the old dispositions
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def _take_pending(self) -> None:
+        while set(self.signals) & signal.sigpending():
+            info = signal.sigtimedwait(self.signals, 0)
+            if info is None:
+                break
+            self._record(info.si_signo, None)
 
     def _record(self, signum, frame) -> None:
         if self.received is None:
@@ -67,6 +84,7 @@ class StopWatch:
 
     def decide(self) -> Decision:
         """Collective: the same decision on every rank (the signal any rank got, the largest clocks)."""
+        self._take_pending()
         now = time.time()
         seen = torch.tensor([-1 if self.received is None else self.received, now - self.process_start,
                              now - self.last_save], dtype=torch.float64)

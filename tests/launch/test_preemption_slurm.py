@@ -74,9 +74,8 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(tmp_path):
         wait_for("the requeue", lambda: job_field(job, "Restarts") == "1", 240, job, tmp_path)
         stopped_at = steps_done(metrics)
         assert 5 <= stopped_at < STEPS, "the signal must land mid-training"
-        # the second attempt: no signal again, and no eligibility delay
+        # the second attempt (eligible ~30 s after the requeue: slurm_up.sh's cred_expire) is not signalled again
         subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"], check=True)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         wait_for("the job to finish", lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
                  600, job, tmp_path)
         assert job_field(job, "JobState") == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-3000:]
@@ -127,7 +126,6 @@ def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path):
         assert partial and latest < partial[0], (latest, partial)
         assert (checkpoints / latest / "lep_model.json").is_file()
         subprocess.run(["scontrol", "requeue", job], check=True)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         wait_for("the requeued job", lambda: job_field(job, "JobState") == "COMPLETED" or
                  (job_field(job, "JobState") == "FAILED" and job_field(job, "Restarts") == "1"), 600, job, tmp_path)
         assert job_field(job, "JobState") == "COMPLETED"

@@ -1,7 +1,10 @@
-"""launch/pipeline.sh under a simulated SLURM login node: the job graph it prints on a dry run and
-the afterok chain it submits (sbatch shimmed: it records its arguments and answers job ids), and
-the pretrain job's success script that records the step so that a resubmission skips it."""
+"""launch/pipeline.sh on a SLURM login node: the job graph it prints on a dry run and the afterok
+chain it submits (sbatch shimmed: it records its arguments and answers job ids), the pretrain
+job's success script that records the step so that a resubmission skips it; then the same on the
+real SLURM of tests/cluster/slurm_up.sh (marked `slurm`): SLURM's record of the held chain, a
+resubmission skipping finished steps, a failing step cancelling every job that waits for it."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +90,97 @@ def test_pretrain_job_records_its_step_on_success(login_node):
     proc = subprocess.run(args + ["dry_run=true"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "pretrain: done earlier, no job" in proc.stdout
     assert next(line for line in proc.stdout.splitlines() if line.startswith("export (")).endswith("after []:")
+
+
+# --- the same submissions to the real SLURM of tests/cluster/slurm_up.sh (CPU nodes) ---
+
+REAL = ["slurm.step_gpus=0", "slurm.gpus_per_node=0", "slurm.cpus_per_task=1", "slurm.pretrain_cpus_per_task=1",
+        "slurm.time=00:20:00"]
+
+
+def submitted_jobs(stdout: str) -> dict:
+    """step -> job id from the submission's `step: job N [after A:B]` lines."""
+    return {line.split(":")[0]: line.split("job ")[1].split()[0] for line in stdout.splitlines() if ": job " in line}
+
+
+def real_login_node(login_node):
+    tmp_path, env, args = login_node
+    env = {k: v for k, v in env.items() if k != "SBATCH_LOG"}
+    env["PATH"] = os.environ["PATH"]  # the real sbatch, not the shim
+    args = [a for a in args if not a.startswith("slurm.partition=")] + REAL
+    return tmp_path, env, args
+
+
+@pytest.mark.slurm
+def test_real_submission_chains_afterok_and_skips_finished_steps(login_node):
+    """Held jobs (nothing runs): SLURM's own record of each job's afterok dependencies is the
+    step graph; once the steps up to pretrain are recorded as finished, a resubmission submits only
+    the rest, export depending on nothing."""
+    from tests.cluster.slurm import cancel, job_info
+
+    tmp_path, env, args = real_login_node(login_node)
+    jobs = {}
+    try:
+        proc = subprocess.run(args + ["slurm.extra=['--hold']"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        jobs = submitted_jobs(proc.stdout)
+        assert set(jobs) == set(EXPECTED_AFTER) | {"report"}, proc.stdout
+        for step, after in EXPECTED_AFTER.items():
+            info = job_info(jobs[step])
+            assert info["JobState"] == "PENDING" and info["JobName"] == f"lep-{step}", info
+            deps = set(re.findall(r"afterok:(\d+)", info["Dependency"]))
+            assert deps == {jobs[a] for a in after}, (step, info["Dependency"])
+        assert set(re.findall(r"afterok:(\d+)", job_info(jobs["report"])["Dependency"])) == {
+            jobs[s] for s in EXPECTED_AFTER}
+        pretrain = job_info(jobs["pretrain"])
+        assert pretrain["Command"].endswith("launch/pretrain.sh") and pretrain["TresPerNode"] == "gres:gpu:0"
+    finally:
+        for job in jobs.values():
+            cancel(job)
+    # the steps before pretrain recorded themselves; pretrain.sh's success script records pretrain
+    script = tmp_path / "run" / "state" / "pretrain.on_success.sh"
+    for step, output in [("tokenizer", "tokenizer"), ("init", "init_hf"), ("convert", "init_mcore"),
+                         ("data", "data"), ("pretrain", "pretrain")]:
+        (tmp_path / "run" / output).mkdir()
+        text = script.read_text().replace("step=pretrain", f"step={step}")
+        proc = subprocess.run(["bash", "-c", text], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        proc = subprocess.run(args + ["slurm.extra=['--hold']"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        jobs = submitted_jobs(proc.stdout)
+        for step in ("tokenizer", "init", "convert", "data", "pretrain"):
+            assert f"{step}: done earlier, no job" in proc.stdout and step not in jobs
+        assert "export" in jobs and job_info(jobs["export"])["Dependency"] == "(null)"
+        assert set(re.findall(r"afterok:(\d+)", job_info(jobs["propagate_swap"])["Dependency"])) == {jobs["export"]}
+    finally:
+        for job in jobs.values():
+            cancel(job)
+
+
+@pytest.mark.slurm
+def test_real_failing_step_cancels_its_dependants(login_node):
+    """The first step fails (its base model is an empty directory): every job waiting for it,
+    directly or not, is cancelled by SLURM (DependencyNeverSatisfied, not left pending), the
+    failing job's log says why."""
+    from tests.cluster.slurm import cancel, wait_finished
+
+    tmp_path, env, args = real_login_node(login_node)
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = submitted_jobs(proc.stdout)
+    try:
+        infos = {step: wait_finished(job, 180) for step, job in jobs.items()}
+    finally:
+        for job in jobs.values():
+            cancel(job)
+    log = (tmp_path / "run" / "logs" / f"lep-tokenizer-{jobs['tokenizer']}.out").read_text()
+    assert infos["tokenizer"]["JobState"] == "FAILED", (infos["tokenizer"], log[-3000:])
+    assert "lep-megatron pipeline: error: step tokenizer" in log and "no tokenizer.json" in log, log[-3000:]
+    downstream = [s for s in jobs if s not in ("tokenizer", "eval_base", "eval_instruct")]
+    for step in downstream:
+        assert infos[step]["JobState"] == "CANCELLED" and infos[step]["Reason"] == "DependencyNeverSatisfied", (
+            step, infos[step])
+    assert not (tmp_path / "run" / "state" / "tokenizer.json").exists()
