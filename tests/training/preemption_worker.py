@@ -3,21 +3,39 @@ same run with SIGUSR1 sent to rank 1 alone during step 3 (the ranks agree, check
 raise ResumableExit), resumed from its trainable-only checkpoint; the same with
 train.save_frozen_weights=true (a full checkpoint); with background saves after every step
 (train.async_save); a wall-clock budget that runs out after the
-first step; time-based saves every step with keep_last=2."""
+first step; time-based saves every step with keep_last=2; load_model of the trainable-only and
+the full checkpoint of the same step."""
 import json
 import os
 import signal
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from lep_megatron.checkpoint.megatron_io import CheckpointMeta, load_model
+
 from lep_megatron.common.exit_codes import EXIT_RESUMABLE
+from lep_megatron.models import build_stage_model
 from lep_megatron.training.batches import rank_batches
 from lep_megatron.training.preemption import ResumableExit
 from lep_megatron.training.trainer import TrainConfig, train
 
 VOCAB = 4096
+
+
+def same_model(a: Path, b: Path) -> bool:
+    """load_model (what eval and parity use) gives the same parameters from both checkpoints."""
+    models = []
+    for ckpt in (a, b):
+        meta = CheckpointMeta.read(ckpt)
+        model = build_stage_model(meta.shape, meta.padded_vocab_size)
+        load_model(model, ckpt)
+        models.append(dict(model.named_parameters()))
+    flag = torch.tensor([int(all(torch.equal(p, models[1][n]) for n, p in models[0].items()))])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def main() -> None:
@@ -49,6 +67,8 @@ def main() -> None:
     result["budget"] = interrupted(config("budget", exit_duration_minutes=1e-6), tokens)
     train(config("interval", save_interval_minutes=1e-6, keep_last=2), tokens)
     result["exit_resumable"] = EXIT_RESUMABLE
+    result["loads_equal"] = same_model(out / "trainable_only" / "checkpoints" / "step_0000003",
+                                       out / "full" / "checkpoints" / "step_0000003")
     if dist.get_rank() == 0:
         (out / "result.json").write_text(json.dumps(result))
 

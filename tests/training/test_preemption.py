@@ -43,7 +43,7 @@ def test_signal_checkpoints_and_resumes_exactly(runs, kind):
 
 
 def test_trainable_only_checkpoint_holds_what_trains(runs):
-    d, _ = runs
+    d, result = runs
     ckpt = d / "runs" / "trainable_only" / "checkpoints" / "step_0000003"
     meta = CheckpointMeta.read(ckpt)
     assert Path(meta.base_checkpoint) == (d / "mc").absolute()
@@ -58,6 +58,7 @@ def test_trainable_only_checkpoint_holds_what_trains(runs):
     assert CheckpointMeta.read(full).base_checkpoint is None
     assert distcp_bytes(full) > distcp_bytes(ckpt)
     # read through the reference, tensor by tensor: the body from the base, the tables from the run
+    assert result["loads_equal"]  # load_model (eval, parity) follows the reference to the base
     through, base, whole = CheckpointTensors(ckpt), CheckpointTensors(d / "mc"), CheckpointTensors(full)
     name = "decoder.layers.1.mlp.linear_fc2.weight"
     assert through[name].equal(base[name]) and through[name].equal(whole[name])
