@@ -8,6 +8,7 @@ by arithmetic from lep_megatron.training.plan.checkpoint_bytes, the function the
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -75,6 +76,7 @@ def main() -> None:
     from lep_megatron.models.gpt import padded_vocab_size
     from lep_megatron.training.plan import checkpoint_bytes
 
+    load_before = os.getloadavg()  # other work on the machine slows saves and loads: recorded
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
@@ -97,6 +99,7 @@ def main() -> None:
     arithmetic = {"56m_float32": checkpoint_bytes(shape56, padded_vocab_size(32000, 128, 1), "float32"),
                   "llama3_8b_174816_bfloat16": checkpoint_bytes(shape8b, padded_vocab_size(174816, 128, 1), "bfloat16")}
     payload = {"config": dict(SHAPE_56M, dtype="float32"), "repeats": args.repeats, "measured": measured,
+               "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
                "arithmetic": {name: size._asdict() for name, size in arithmetic.items()}}
     write_result("checkpoint", payload)
 
