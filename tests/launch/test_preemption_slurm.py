@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import pytest
 from lep_megatron.checkpoint.convert import ConvertConfig, run
 from lep_megatron.common.launch import torchrun
 from lep_megatron.models.tiny import make_hf_model
+from tests.cluster.slurm import cancel, job_info, sbatch, wait_finished, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.megatron, pytest.mark.primary_only, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,20 +32,8 @@ def overrides(ckpt: Path, out: Path) -> list:
             "train.lr=1e-2", "train.log_every=200", "train.tensorboard=false"]
 
 
-def job_field(job: str, field: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
-    return next(tok.split("=", 1)[1] for tok in out.split() if tok.startswith(field + "="))
-
-
-def wait_for(what: str, predicate, timeout: float, job: str, tmp: Path):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(2)
-    logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(tmp.rglob("*.txt")) + sorted(tmp.rglob("*.log")))
-    pytest.fail(f"timed out waiting for {what}; job {job}: {subprocess.run(['scontrol', 'show', 'job', job], capture_output=True, text=True).stdout}\n{logs}")
+def logs(tmp: Path) -> str:
+    return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(tmp.rglob("*.txt")) + sorted(tmp.rglob("*.log")))
 
 
 def steps_done(metrics: Path) -> int:
@@ -58,29 +46,25 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="2", OMP_NUM_THREADS="1", LEP_SIGNAL_LEAD="120",
                LOG_DIR=str(tmp_path / "logs"))
-    job = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30",
-         "--signal=USR1@120", f"--chdir={tmp_path}", f"--output={tmp_path}/job-%j.out",
-         str(ROOT / "launch" / "pretrain.sh")] + overrides(tmp_path / "mc", out),
-        env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    job = sbatch(["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30", "--signal=USR1@120",
+                  f"--output={tmp_path}/job-%j.out", ROOT / "launch" / "pretrain.sh"] + overrides(tmp_path / "mc", out),
+                 cwd=tmp_path, env=env)
     try:
         metrics = out / "metrics.jsonl"
-        wait_for("the first steps", lambda: steps_done(metrics) >= 5, 300, job, tmp_path)
+        wait_for(lambda: steps_done(metrics) >= 5, 300, f"the first steps: {logs(tmp_path)}")
         # the end of the job 1-2 minutes from now: within the 120 s lead, so the signal is due at once
-        used = job_field(job, "RunTime")
+        used = job_info(job)["RunTime"]
         h, m, s = (int(x) for x in used.split("-")[-1].rjust(8, "0").split(":"))
         subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={math.ceil((h * 3600 + m * 60 + s) / 60) + 1}"],
                        check=True)
-        wait_for("the requeue", lambda: job_field(job, "Restarts") == "1", 240, job, tmp_path)
+        wait_for(lambda: job_info(job)["Restarts"] == "1", 240, f"the requeue: {logs(tmp_path)}")
         stopped_at = steps_done(metrics)
         assert 5 <= stopped_at < STEPS, "the signal must land mid-training"
         # the second attempt (eligible ~30 s after the requeue: slurm_up.sh's cred_expire) is not signalled again
         subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"], check=True)
-        wait_for("the job to finish", lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
-                 600, job, tmp_path)
-        assert job_field(job, "JobState") == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-3000:]
+        assert wait_finished(job, 600)["JobState"] == "COMPLETED", logs(tmp_path)
     finally:
-        subprocess.run(["scancel", job], capture_output=True)
+        cancel(job)
 
     first = (tmp_path / "logs" / job / "attempt-0" / "pretrain.log").read_text()
     assert "received SIGUSR1" in first and "exit code 75" in first
@@ -106,31 +90,26 @@ def test_kill_mid_save_keeps_the_previous_checkpoint(tmp_path):
             "train.save_every=2", "train.keep_last=0", "train.seq_length=16", "train.global_batch_size=4",
             "train.warmup_steps=1", "train.lr=1e-2", "train.tensorboard=false"]
     env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="2", OMP_NUM_THREADS="1", LOG_DIR=str(tmp_path / "logs"))
-    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30",
-                          f"--chdir={tmp_path}", f"--output={tmp_path}/job-%j.out", str(ROOT / "launch" / "pretrain.sh")]
-                         + args, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    job = sbatch(["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30", f"--output={tmp_path}/job-%j.out",
+                  ROOT / "launch" / "pretrain.sh"] + args, cwd=tmp_path, env=env)
     checkpoints = out / "checkpoints"
     try:
         def second_save_started():
             return checkpoints.is_dir() and any(p.name.endswith(".partial") and int(p.name[5:12]) > 2
                                                 for p in checkpoints.iterdir())
 
-        deadline = time.time() + 300
-        while not second_save_started():
-            assert time.time() < deadline, (tmp_path / f"job-{job}.out").read_text()[-3000:]
-            time.sleep(0.02)
+        wait_for(second_save_started, 300, f"the second save: {logs(tmp_path)}", interval=0.02)
         subprocess.run(["scancel", "--signal=KILL", "--full", job], check=True)
-        wait_for("the kill", lambda: job_field(job, "JobState") not in ("RUNNING", "COMPLETING"), 120, job, tmp_path)
+        wait_finished(job, 120)
         latest = (checkpoints / "latest").read_text().strip()
         partial = [p.name for p in checkpoints.iterdir() if p.name.endswith(".partial")]
         assert partial and latest < partial[0], (latest, partial)
         assert (checkpoints / latest / "lep_model.json").is_file()
         subprocess.run(["scontrol", "requeue", job], check=True)
-        wait_for("the requeued job", lambda: job_field(job, "JobState") == "COMPLETED" or
-                 (job_field(job, "JobState") == "FAILED" and job_field(job, "Restarts") == "1"), 600, job, tmp_path)
-        assert job_field(job, "JobState") == "COMPLETED"
+        wait_for(lambda: job_info(job)["Restarts"] == "1", 120, "the requeue")
+        assert wait_finished(job, 600)["JobState"] == "COMPLETED", logs(tmp_path)
     finally:
-        subprocess.run(["scancel", job], capture_output=True)
+        cancel(job)
     assert (checkpoints / "latest").read_text().strip() == f"step_{steps:07d}"
     assert "resumed from" in (tmp_path / "logs" / job / "attempt-1" / "pretrain.log").read_text()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
